@@ -1,0 +1,194 @@
+"""Feature–bias decomposition and the vanishing-feature measure (paper Eq. 4.1, Defs. 4.1, 4.2, 5.1).
+
+For a layer output f⁽ˡ⁾(x), the input-induced feature is g⁽ˡ⁾(x) = f⁽ˡ⁾(x) − f⁽ˡ⁾(0) and the
+input-independent offset is h⁽ˡ⁾ = f⁽ˡ⁾(0), where 0 is the all-zero input in normalized input
+space. Norms are per sample and divided by √(number of elements), so layers of different size
+compare.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .models.norm import LayerNorm2d
+
+#: Modules whose outputs are "layers" for the diagnostics, in execution order.
+LAYER_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, LayerNorm2d)
+WEIGHT_TYPES = (nn.Conv2d, nn.Linear)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def layer_order(model: nn.Module, example: torch.Tensor, types: tuple[type, ...] = LAYER_TYPES) -> list[str]:
+    """Names of the modules of ``types`` in the order a forward pass executes them."""
+    order: list[str] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=name: order.append(n))
+             for name, m in model.named_modules() if isinstance(m, types)]
+    try:
+        model.eval()(example[:1].to(_device_of(model)))
+    finally:
+        for h in hooks:
+            h.remove()
+    if not order:
+        raise ValueError(f"{type(model).__name__} has no conv, linear or norm layers to diagnose")
+    return list(dict.fromkeys(order))
+
+
+@torch.no_grad()
+def layer_outputs(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The outputs of the named modules for input ``x`` (one forward pass, eval mode)."""
+    out: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"model has no module(s) {missing}")
+    hooks = [modules[n].register_forward_hook(lambda mod, i, o, n=n: out.__setitem__(n, o.detach()))
+             for n in names]
+    try:
+        model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+@dataclass
+class FeatureBias:
+    """Per-layer statistics of the feature–bias decomposition, in execution order.
+
+    ``g_mean``/``g_std``: mean and std over the data of ‖g⁽ˡ⁾(x)‖/√d; ``h_norm``: ‖h⁽ˡ⁾‖/√d;
+    ``variance``: Var_x[f⁽ˡ⁾(x)] averaged over the d units (Definition 4.1).
+    """
+
+    names: list[str]
+    g_mean: np.ndarray
+    g_std: np.ndarray
+    h_norm: np.ndarray
+    variance: np.ndarray
+
+    @property
+    def depth(self) -> np.ndarray:
+        """Layer index 1..L."""
+        return np.arange(1, len(self.names) + 1)
+
+    @property
+    def relative_depth(self) -> np.ndarray:
+        """l / L, so that models of different depth share one axis."""
+        return self.depth / len(self.names)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [{"layer": n, "E|g|": float(gm), "std|g|": float(gs), "|h|": float(h), "Var f": float(v)}
+                for n, gm, gs, h, v in zip(self.names, self.g_mean, self.g_std, self.h_norm, self.variance)]
+
+
+@torch.no_grad()
+def feature_bias(model: nn.Module, data: Any, batch_size: int = 1000,
+                 names: Sequence[str] | None = None) -> FeatureBias:
+    """Feature–bias decomposition of every layer output over ``data`` (paper Eq. 4.1, Def. 5.1).
+
+    ``data`` is a :class:`vfnb.data.VisionData` (anything with ``batches(batch_size, device=)``
+    and ``len``). Statistics accumulate in float64 in one pass.
+    """
+    if len(data) < 2:
+        raise ValueError("feature_bias needs at least 2 samples to estimate a variance")
+    device = _device_of(model)
+    first = next(iter(data.batches(1, augment=False, device=device)))[0]
+    names = list(names) if names is not None else layer_order(model, first)
+    zero = layer_outputs(model, torch.zeros_like(first), names)
+    h = {n: zero[n][0].reshape(-1).double() for n in names}
+    n_total = 0
+    g_sum = {n: 0.0 for n in names}
+    g_sq = {n: 0.0 for n in names}
+    f_sum = {n: torch.zeros_like(h[n]) for n in names}
+    f_sq = {n: torch.zeros_like(h[n]) for n in names}
+    for x, _ in data.batches(batch_size, augment=False, device=device):
+        outs = layer_outputs(model, x, names)
+        n_total += len(x)
+        for n in names:
+            f = outs[n].reshape(len(x), -1).double()
+            d = f.shape[1]
+            g = (f - h[n]).norm(dim=1) / d ** 0.5
+            g_sum[n] += g.sum().item()
+            g_sq[n] += (g * g).sum().item()
+            f_sum[n] += f.sum(0)
+            f_sq[n] += (f * f).sum(0)
+    g_mean = np.array([g_sum[n] / n_total for n in names])
+    g_var = np.array([g_sq[n] / n_total for n in names]) - g_mean ** 2
+    var = []
+    for n in names:
+        mean = f_sum[n] / n_total
+        var.append(((f_sq[n] / n_total - mean ** 2).clamp_min(0) * n_total / (n_total - 1)).mean().item())
+    h_norm = np.array([(h[n].norm() / h[n].numel() ** 0.5).item() for n in names])
+    return FeatureBias(names, g_mean, np.sqrt(np.clip(g_var, 0, None)), h_norm, np.array(var))
+
+
+def weight_scale(model: nn.Module) -> dict[str, np.ndarray | list[str]]:
+    """Mean absolute weight and bias of every conv/linear layer, in definition order (Fig. 1 mid).
+
+    Returns ``{"names", "weight", "bias"}``; a layer without bias has ``nan``.
+    """
+    names, w, b = [], [], []
+    for name, m in model.named_modules():
+        if isinstance(m, WEIGHT_TYPES):
+            names.append(name)
+            w.append(m.weight.detach().abs().mean().item())
+            b.append(m.bias.detach().abs().mean().item() if m.bias is not None else float("nan"))
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no conv or linear layers")
+    return {"names": names, "weight": np.array(w), "bias": np.array(b)}
+
+
+def rescaled_features(fb: FeatureBias, merged: nn.Module, edges: Sequence[nn.Module]) -> np.ndarray:
+    """E‖g_α⁽ˡ⁾‖ rescaled by Π_{j≤l} mean_e(‖W_e⁽ʲ⁾‖_{1,mean}) / ‖W_α⁽ʲ⁾‖_{1,mean} (paper Fig. 1 right).
+
+    The product runs over the conv/linear layers executed up to and including layer l, so norm
+    layers inherit the factor of the weight layer before them.
+    """
+    if not edges:
+        raise ValueError("rescaled_features needs at least one edge model")
+    ws = weight_scale(merged)
+    edge_w = np.mean([weight_scale(e)["weight"] for e in edges], axis=0)
+    ratio = dict(zip(ws["names"], edge_w / ws["weight"]))
+    factor, out = 1.0, []
+    for name, g in zip(fb.names, fb.g_mean):
+        factor *= ratio.get(name, 1.0)
+        out.append(g * factor)
+    return np.array(out)
+
+
+def vf_ratio(fb: FeatureBias, references: Sequence[FeatureBias]) -> np.ndarray:
+    """E_l = E‖g_α⁽ˡ⁾‖ / mean over references of E‖g⁽ˡ⁾‖ (the measure behind Def. 5.1)."""
+    if not references:
+        raise ValueError("vf_ratio needs at least one reference model's FeatureBias")
+    for r in references:
+        if r.names != fb.names:
+            raise ValueError("reference layers differ from the model's; diagnose models of one architecture")
+    ref = np.mean([r.g_mean for r in references], axis=0)
+    return fb.g_mean / np.maximum(ref, 1e-12)
+
+
+def upper_bound(values: Sequence[float], gamma: float = 1.4) -> np.ndarray:
+    """The smoothed non-increasing upper-bound sequence of Defs. 4.2/5.1 (appendix A.5.1).
+
+    From the last layer backwards: ε_L = E_L and
+    ε_l = max(E_l, ε_{l+1}·(γ + (1−γ)(1 − 1/(L−l+1)))), with l counted from 1.
+    """
+    e = np.asarray(values, dtype=float)
+    if e.ndim != 1 or len(e) == 0:
+        raise ValueError("upper_bound expects a non-empty 1-D sequence")
+    if gamma < 1:
+        raise ValueError(f"gamma must be >= 1 for a non-increasing bound, got {gamma}")
+    L = len(e)
+    eps = e.copy()
+    for i in range(L - 2, -1, -1):  # i = l - 1
+        l = i + 1
+        eps[i] = max(e[i], eps[i + 1] * (gamma + (1 - gamma) * (1 - 1 / (L - l + 1))))
+    return eps

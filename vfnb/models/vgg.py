@@ -1,0 +1,56 @@
+"""VGG for CIFAR-sized inputs with a single linear classifier (paper appendix A.3)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .norm import make_norm
+
+CONFIGS: dict[str, list[int | str]] = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+              512, 512, 512, 512, "M"],
+}
+
+
+class VGG(nn.Module):
+    """VGG-11/13/16/19 with norm ``none|bn|ln`` and a width multiplier.
+
+    Inputs smaller than 32×32 (MNIST's 28×28) are zero-padded to 32×32 in normalized space.
+    ``features.{i}`` follows the usual conv / norm / ReLU / max-pool order; ``classifier`` is the
+    single linear layer. LayerNorm normalizes over channels at each position.
+    """
+
+    def __init__(self, name: str = "vgg16", in_channels: int = 3, num_classes: int = 10,
+                 norm: str = "none", width: float = 1.0, input_size: int = 32) -> None:
+        super().__init__()
+        if name not in CONFIGS:
+            raise ValueError(f"unknown VGG {name!r}; choose one of {', '.join(CONFIGS)}")
+        if width <= 0:
+            raise ValueError(f"width multiplier must be > 0, got {width}")
+        if input_size > 32:
+            raise ValueError(f"VGG here is for inputs up to 32x32, got {input_size}")
+        self.pad = (32 - input_size) // 2
+        layers: list[nn.Module] = []
+        c = in_channels
+        for v in CONFIGS[name]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+                continue
+            out = max(1, int(round(v * width)))
+            layers.append(nn.Conv2d(c, out, 3, padding=1, bias=True))
+            if norm != "none":
+                layers.append(make_norm(norm, out))
+            layers.append(nn.ReLU())
+            c = out
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad:
+            x = F.pad(x, (self.pad, self.pad, self.pad, self.pad))
+        x = self.features(x)
+        return self.classifier(torch.flatten(x, 1))
