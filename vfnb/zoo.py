@@ -71,6 +71,8 @@ def load_entry(config: TrainConfig, cache_dir: str | Path | None = None,
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptCheckpointError(f"{meta_path} is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise CorruptCheckpointError(f"{meta_path} is not a vfnb zoo entry (not a JSON object)")
     if meta.get("format") != FORMAT:
         raise CorruptCheckpointError(f"{meta_path} is not a vfnb zoo entry (format {meta.get('format')!r})")
     if meta.get("config") != config.to_dict():
@@ -79,8 +81,8 @@ def load_entry(config: TrainConfig, cache_dir: str | Path | None = None,
             f" requested {config.to_dict()}")
     if not weights.exists() or _sha256(weights) != meta.get("sha256"):
         raise CorruptCheckpointError(f"{weights} is missing, truncated or replaced (checksum mismatch)")
-    model = build_model(config.model, **meta["model_kwargs"])
     try:
+        model = build_model(config.model, **meta["model_kwargs"])
         state = load_file(str(weights), device=str(device))
         model.load_state_dict(state, strict=True)
     except Exception as exc:
@@ -115,6 +117,8 @@ def get_or_train(config: TrainConfig, cache_dir: str | Path | None = None, data_
         train_data = calibration_subset(train_data, config.n_train, seed=0)
     test_data = load_dataset(config.dataset, "test", root=data_root)
     d = entry_dir(config, cache_dir)
+    for stale in d.glob(".*.tmp"):  # left by a run killed in the middle of a write
+        stale.unlink(missing_ok=True)
     model, history = train(config, train_data, test_data, checkpoint=d / "resume.pt", device=device,
                            progress=progress)
     weights = d / "model.safetensors"
