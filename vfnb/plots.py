@@ -142,7 +142,9 @@ def table(rows: Sequence[dict], floatfmt: str = "{:.4g}"):
     if not rows:
         return Markdown("*(empty)*")
     cols = list(rows[0])
-    fmt = lambda v: floatfmt.format(v) if isinstance(v, float) else str(v)  # noqa: E731
+    def fmt(v) -> str:
+        text = floatfmt.format(v) if isinstance(v, float) else str(v)
+        return text.replace("|", "\\|")  # a bare | would end the cell
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return Markdown("\n".join(lines))

@@ -1,0 +1,42 @@
+# vfnb — common tasks. `make help` lists them; override e.g. `make book PROFILE=smoke`.
+VENV    ?= .venv
+PYTHON  ?= python3
+PROFILE ?= cpu
+OUT     ?= _build
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.vfnb-installed
+
+.DEFAULT_GOAL := help
+.PHONY: help venv book test test-fast bench clean distclean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  variables: PROFILE=$(PROFILE) (smoke|cpu|paper)  OUT=$(OUT)  VENV=$(VENV)"
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -e .
+	touch $@
+
+venv: $(STAMP)  ## create the virtualenv and install requirements.txt + vfnb (editable)
+
+book: $(STAMP)  ## execute every chapter at PROFILE and build the HTML book into OUT/html
+	$(PY) -m vfnb book --profile $(PROFILE) --out $(OUT)
+
+test: $(STAMP)  ## all tests: unit, smoke run of every chapter, smoke book in headless chromium
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)  ## tests without notebook runs, book builds or browser
+	$(PY) -m pytest -q -m "not slow and not browser"
+
+bench: $(STAMP)  ## chapter wall times against their goals (smoke: 30 s each; §4 cpu: 180 s cold, 30 s warm)
+	$(PY) benchmarks/bench_smoke_chapters.py
+	$(PY) benchmarks/bench_chapter4.py
+
+clean:  ## remove build outputs (keeps the virtualenv and the trained-model cache)
+	rm -rf $(OUT) .pytest_cache
+
+distclean: clean  ## also remove the virtualenv
+	rm -rf $(VENV)

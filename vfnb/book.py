@@ -1,0 +1,402 @@
+"""Run chapters with papermill and build the static HTML book.
+
+Chapters are the notebooks listed in the root ``_toc.yml``. Their sources under ``book/`` are
+never executed in place: :func:`run_chapter` writes an executed copy, and :func:`build_book`
+executes every chapter into a staging copy of the book that ``jupyter-book`` turns into HTML.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import yaml
+
+#: Folder (inside the staged book) whose content Sphinx copies into ``_static/``. Not
+#: ``_static`` itself: Jupyter Book would load every script there a second time.
+OFFLINE_JS_DIR = "offline_js"
+#: npm packages that render the embedded widget state and the maths without a CDN.
+NPM_PACKAGES = ("@jupyter-widgets/html-manager@1.0.6", "requirejs@2.3.4", "mathjax@3.2.2")
+EXPECTED_JS = ("require.js", "widgets/embed-amd.js", "mathjax/tex-mml-chtml.js")
+#: Loaded between require.js and embed-amd.js.
+#: 1. The html-manager bundle locates its fonts and chunks from its AMD module ids, i.e. beside
+#:    the page (``<page dir>/@jupyter-widgets/...``); mapping the ids to ``_static/widgets/``
+#:    makes them resolve there, with no CDN.
+#: 2. It typesets widget labels with the MathJax 2 call ``MathJax.Hub.Queue``, which MathJax 3
+#:    (loaded by Sphinx on pages with maths) lacks: a small ``Hub`` forwards to MathJax 3.
+WIDGETS_CONFIG_JS = """\
+// vfnb: serve the widget manager from _static/widgets/ and let it typeset with MathJax 3.
+(function () {
+  var dist = document.currentScript.src.replace(/[^/]*$/, "") + "widgets";
+  var paths = {"@jupyter-widgets/html-manager/dist": dist};
+  ["base", "controls", "html-manager"].forEach(function (name) {
+    paths["@jupyter-widgets/" + name] = dist + "/" + name;
+  });
+  require.config({paths: paths});
+  window.addEventListener("DOMContentLoaded", function () {
+    var mj = window.MathJax;
+    if (!mj || mj.Hub || !mj.startup) return;
+    mj.Hub = {Queue: function (job) {
+      var element = job && job[2];
+      if (element) mj.startup.promise.then(function () { return mj.typesetPromise([element]); });
+    }};
+  });
+})();
+"""
+
+
+_TOC_CHILDREN = ("parts", "chapters", "sections")  # keys of a jb-book toc that hold entries
+
+
+class BookError(ValueError):
+    """A usage error found before anything runs: unknown chapter or parameter."""
+
+
+# --------------------------------------------------------------------------- locating chapters
+def repo_root(start: Path | None = None) -> Path:
+    """The folder holding ``_toc.yml``: beside the package, else ``start``/cwd or a parent."""
+    here = Path(__file__).resolve().parent.parent
+    if (here / "_toc.yml").is_file():
+        return here
+    start = Path(start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / "_toc.yml").is_file():
+            return folder
+    raise FileNotFoundError(f"no _toc.yml found beside {here} or in {start} and its parents")
+
+
+def _root(root: str | os.PathLike | None) -> Path:
+    return Path(root).resolve() if root else repo_root()
+
+
+def _toc_files(node: Any) -> Iterator[str]:
+    """Every ``file``/``root`` entry of a jb-book table of contents, in reading order."""
+    if isinstance(node, dict):
+        for key in ("root", "file"):
+            if isinstance(node.get(key), str):
+                yield node[key]
+        for key in _TOC_CHILDREN:
+            for child in node.get(key) or []:
+                yield from _toc_files(child)
+    elif isinstance(node, list):
+        for child in node:
+            yield from _toc_files(child)
+
+
+def _resolve_doc(root: Path, entry: str) -> Path:
+    path = root / entry
+    if path.suffix in (".ipynb", ".md") and path.is_file():
+        return path
+    for suffix in (".ipynb", ".md"):
+        if path.with_name(path.name + suffix).is_file():
+            return path.with_name(path.name + suffix)
+    raise FileNotFoundError(f"_toc.yml lists {entry!r}, but neither {entry}.ipynb nor {entry}.md exists")
+
+
+def toc_documents(root: Path | None = None) -> list[Path]:
+    """All documents (markdown and notebooks) listed in ``_toc.yml``, in order."""
+    root = _root(root)
+    toc = yaml.safe_load((root / "_toc.yml").read_text(encoding="utf-8"))
+    return [_resolve_doc(root, entry) for entry in _toc_files(toc)]
+
+
+def chapters(root: Path | None = None) -> list[Path]:
+    """The chapter notebooks listed in ``_toc.yml``, in reading order."""
+    return [p for p in toc_documents(root) if p.suffix == ".ipynb"]
+
+
+_all_chapters = chapters  # build_book's ``chapters`` argument shadows the function
+
+
+def resolve_chapter(chapter: str | os.PathLike, root: Path | None = None) -> Path:
+    """Find a chapter by path, file stem (``04_linear_networks``) or unique prefix (``04``)."""
+    path = Path(chapter)
+    if path.suffix == ".ipynb" and path.is_file():
+        return path.resolve()
+    known = chapters(root)
+    name = path.stem if path.suffix == ".ipynb" else str(chapter)
+    exact = [p for p in known if p.stem == name]
+    matches = exact or [p for p in known if p.stem.startswith(name)]
+    if len(matches) == 1:
+        return matches[0]
+    names = ", ".join(p.stem for p in known) or "(none)"
+    if matches:
+        raise BookError(f"chapter {name!r} is ambiguous: it matches {', '.join(p.stem for p in matches)}")
+    raise BookError(f"unknown chapter {name!r}; chapters in _toc.yml: {names}")
+
+
+def notebook_parameters(path: str | os.PathLike) -> dict[str, Any]:
+    """Names and defaults of the notebook's ``parameters`` cell (defaults as Python values)."""
+    import ast
+
+    import papermill as pm
+
+    found = pm.inspect_notebook(str(path))
+    out: dict[str, Any] = {}
+    for name, info in found.items():
+        try:
+            out[name] = ast.literal_eval(info["default"])
+        except (ValueError, SyntaxError):
+            out[name] = info["default"]  # an expression: keep its source text
+    return out
+
+
+def check_parameters(path: Path, parameters: Mapping[str, Any]) -> None:
+    """Raise :class:`BookError` if a name is not in the notebook's ``parameters`` cell."""
+    allowed = notebook_parameters(path)
+    unknown = sorted(set(parameters) - set(allowed))
+    if not allowed and parameters:
+        raise BookError(f"{path.name} has no cell tagged 'parameters', so it takes no parameters "
+                        f"(got {', '.join(unknown)})")
+    if unknown:
+        raise BookError(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                        f"for {path.stem}; allowed: {', '.join(allowed)}")
+
+
+# --------------------------------------------------------------------------- running chapters
+@contextmanager
+def _importable() -> Iterator[None]:
+    """Let the kernel import this ``vfnb`` even when it is not pip-installed."""
+    old = os.environ.get("PYTHONPATH")
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, old) if p)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+def run_chapter(chapter: str | os.PathLike, parameters: Mapping[str, Any] | None = None,
+                output_path: str | os.PathLike | None = None, profile: str | None = None,
+                progress: bool = True, cwd: str | os.PathLike | None = None,
+                root: Path | None = None) -> Path:
+    """Execute one chapter with papermill and return the executed notebook's path.
+
+    ``parameters`` are checked against the chapter's ``parameters`` cell *before* anything runs.
+    ``profile`` is a shortcut for ``parameters["profile"]``. The output defaults to
+    ``_build/executed/<path relative to the repo>``; ``cwd`` defaults to the notebook's folder.
+    """
+    import papermill as pm
+
+    root = _root(root)
+    path = resolve_chapter(chapter, root)
+    params = dict(parameters or {})
+    if profile is not None:
+        if params.get("profile", profile) != profile:
+            raise BookError(f"profile given twice: profile={profile!r} and parameters['profile']="
+                            f"{params['profile']!r}")
+        params["profile"] = profile
+    check_parameters(path, params)
+    if output_path is None:
+        try:
+            rel = path.relative_to(root)
+        except ValueError:
+            rel = Path(path.name)
+        output_path = root / "_build" / "executed" / rel
+    output = Path(output_path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with _importable():
+        pm.execute_notebook(str(path), str(output), parameters=params, kernel_name="python3",
+                            progress_bar=progress, cwd=str(cwd or path.parent))
+    return output
+
+
+# --------------------------------------------------------------------------- offline scripts
+def _npm_rule(package: str, name: str) -> str | None:
+    """Where a file of an npm tarball goes in the script folder (None: not needed)."""
+    if package.startswith("requirejs"):
+        return "require.js" if name == "require.js" else None
+    if package.startswith("jupyter-widgets-html-manager"):
+        ok = name.startswith("dist/") and not name.endswith(".map")
+        return "widgets/" + name.removeprefix("dist/") if ok else None
+    if package.startswith("mathjax"):
+        ok = name.startswith("es5/") and name != "es5/node-main.js"
+        return "mathjax/" + name.removeprefix("es5/") if ok else None
+    return None
+
+
+def fetch_offline_js(cache: Path) -> Path | None:
+    """The widget and MathJax scripts in ``cache`` (fetched once with npm), or None if npm fails.
+
+    Layout: ``require.js``, ``widgets/embed-amd.js`` (+ its chunks and fonts) and
+    ``mathjax/tex-mml-chtml.js`` (+ its components). :func:`prepare_stage` copies it, plus
+    ``widgets-config.js``, into the staged ``offline_js/``, which Sphinx copies to ``_static/``,
+    so ``_config.yml`` can name the scripts relatively.
+    """
+    cache = Path(cache)
+    if all((cache / f).is_file() for f in EXPECTED_JS):
+        return cache
+    npm = shutil.which("npm")
+    if npm is None:
+        print("npm not found", file=sys.stderr)
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            subprocess.run([npm, "pack", *NPM_PACKAGES], cwd=tmp, check=True,
+                           capture_output=True, text=True, timeout=300)
+        except (subprocess.SubprocessError, OSError) as err:
+            detail = getattr(err, "stderr", "") or str(err)
+            print(f"npm pack failed: {detail.strip()[-500:]}", file=sys.stderr)
+            return None
+        staging = Path(tmp) / "out"
+        for tgz in Path(tmp).glob("*.tgz"):
+            with tarfile.open(tgz) as tar:
+                for member in tar.getmembers():
+                    rel = _npm_rule(tgz.name, member.name.removeprefix("package/")) if member.isfile() else None
+                    source = tar.extractfile(member) if rel else None
+                    if source is not None:
+                        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                        (staging / rel).write_bytes(source.read())
+        missing = [f for f in EXPECTED_JS if not (staging / f).is_file()]
+        if missing:
+            print(f"npm packages lack {', '.join(missing)}", file=sys.stderr)
+            return None
+        if cache.exists():
+            shutil.rmtree(cache)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(staging, cache)
+    return cache
+
+
+def _use_cdn(config_path: Path) -> None:
+    """Drop the local-script overrides, so myst-nb and Sphinx load widgets and MathJax from CDNs."""
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    sphinx_config = (config.get("sphinx") or {}).get("config") or {}
+    sphinx_config.pop("nb_ipywidgets_js", None)
+    sphinx_config.pop("mathjax_path", None)
+    static = [p for p in sphinx_config.get("html_static_path", []) if p != OFFLINE_JS_DIR]
+    if static:
+        sphinx_config["html_static_path"] = static
+    else:
+        sphinx_config.pop("html_static_path", None)
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- the book
+def _filter_toc(node: Any, keep: set[str]) -> Any:
+    """Copy of the toc without the ``file`` entries not in ``keep``, nor parts left empty."""
+    if isinstance(node, list):
+        return [c for c in (_filter_toc(child, keep) for child in node) if c is not None]
+    if not isinstance(node, dict):
+        return node
+    if isinstance(node.get("file"), str) and node["file"] not in keep:
+        return None
+    out = {k: _filter_toc(v, keep) if k in _TOC_CHILDREN else v for k, v in node.items()}
+    out = {k: v for k, v in out.items() if k not in _TOC_CHILDREN or v}
+    emptied = any(k in node for k in _TOC_CHILDREN) and not any(k in out for k in _TOC_CHILDREN)
+    return None if emptied and not {"file", "root"} & set(out) else out
+
+
+def prepare_stage(out_dir: str | os.PathLike = "_build", only: Iterable[str | os.PathLike] | None = None,
+                  root: Path | None = None, js_cache: Path | None = None) -> Path:
+    """Fresh ``<out_dir>/stage``: config, toc, markdown pages, assets and widget scripts.
+
+    Notebooks are not copied: :func:`build_book` executes them into the stage. With
+    ``only``, the staged ``_toc.yml`` lists only those chapters (markdown pages stay).
+    """
+    root = _root(root)
+    out = Path(out_dir).resolve()
+    stage = out / "stage"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    shutil.copy2(root / "_config.yml", stage / "_config.yml")
+    toc = yaml.safe_load((root / "_toc.yml").read_text(encoding="utf-8"))
+    if only is not None:
+        wanted = {resolve_chapter(c, root) for c in only}
+        toc = _filter_toc(toc, {e for e in _toc_files(toc) if _resolve_doc(root, e).suffix != ".ipynb"
+                                or _resolve_doc(root, e) in wanted})
+    (stage / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False), encoding="utf-8")
+    for entry in _toc_files(toc):  # markdown pages
+        doc = _resolve_doc(root, entry)
+        if doc.suffix == ".md":
+            target = stage / doc.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(doc, target)
+    book_dir = root / "book"
+    if book_dir.is_dir():  # images and other assets the pages refer to
+        for asset in book_dir.rglob("*"):
+            if asset.is_file() and asset.suffix not in (".ipynb", ".md") and ".ipynb_checkpoints" not in asset.parts:
+                target = stage / asset.relative_to(root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(asset, target)
+    js = fetch_offline_js(Path(js_cache) if js_cache else out / "js_cache")
+    if js is None:
+        warnings.warn("could not fetch the widget and MathJax scripts with npm: the book loads them "
+                      "from CDNs, so its widgets and maths need an internet connection",
+                      RuntimeWarning, stacklevel=2)
+        _use_cdn(stage / "_config.yml")
+    else:
+        shutil.copytree(js, stage / OFFLINE_JS_DIR)
+        (stage / OFFLINE_JS_DIR / "widgets-config.js").write_text(WIDGETS_CONFIG_JS, encoding="utf-8")
+    return stage
+
+
+def render_book(stage: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
+    """Run ``jupyter-book build --all -W --keep-going`` on a stage; return ``index.html``.
+
+    The HTML lands in ``<out_dir>/html`` (default: the stage's parent).
+    """
+    stage = Path(stage).resolve()
+    out = Path(out_dir).resolve() if out_dir else stage.parent
+    built = stage / "_build"
+    if built.exists():
+        shutil.rmtree(built)
+    exe = Path(sys.executable).with_name("jupyter-book")
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "jupyter_book"]
+    result = subprocess.run([*cmd, "build", str(stage), "--all", "-W", "--keep-going"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if result.returncode:
+        raise RuntimeError(f"jupyter-book build failed (exit {result.returncode}):\n{result.stdout[-6000:]}")
+    html = out / "html"
+    if html.exists():
+        shutil.rmtree(html)
+    shutil.move(str(built / "html"), str(html))
+    index = html / "index.html"
+    if not index.is_file():
+        raise RuntimeError(f"jupyter-book finished but wrote no {index}")
+    return index
+
+
+def stage_path(stage: Path, chapter: Path, root: Path) -> Path:
+    """Where an executed chapter goes in the stage (same path as in the source tree)."""
+    return Path(stage) / chapter.relative_to(root)
+
+
+def build_book(profile: str = "cpu", out_dir: str | os.PathLike = "_build",
+               chapters: Iterable[str | os.PathLike] | None = None,
+               parameters: Mapping[str, Any] | None = None, progress: bool = True,
+               root: Path | None = None) -> Path:
+    """Execute every chapter at ``profile`` and build the HTML book; return ``index.html``.
+
+    ``parameters`` go to every chapter whose parameters cell declares them; a name that no
+    selected chapter declares is an error. ``chapters`` limits the build to some chapters.
+    """
+    root = _root(root)
+    selected = [resolve_chapter(c, root) for c in chapters] if chapters is not None else _all_chapters(root)
+    params = dict(parameters or {})
+    declared = {path: notebook_parameters(path) for path in selected}
+    missing = sorted(n for n in params if not any(n in d for d in declared.values()))
+    if missing:
+        raise BookError(f"no chapter takes parameter(s) {', '.join(missing)}; allowed: "
+                        f"{', '.join(sorted(set().union(*declared.values())))}")
+    stage = prepare_stage(out_dir, selected if chapters is not None else None, root=root)
+    for i, path in enumerate(selected, 1):
+        print(f"[{i}/{len(selected)}] executing {path.stem} (profile {profile})", flush=True)
+        own = {k: v for k, v in params.items() if k in declared[path]}
+        run_chapter(path, own, output_path=stage_path(stage, path, root), profile=profile,
+                    progress=progress, root=root)
+    print("building HTML with jupyter-book ...", flush=True)
+    index = render_book(stage, out_dir)
+    print(f"book written to {index}")
+    return index
