@@ -71,7 +71,7 @@ def plot_feature_bias(ax, merged: FeatureBias, edges: Sequence[FeatureBias], alp
         ax.set_ylabel("norm / √d")
         ax.set_xticks(x)
         ax.set_title("input-induced feature g vs offset h")
-        ax.legend(loc="lower left")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def plot_weight_scale(ax, merged: dict, edges: Sequence[dict]) -> None:
@@ -103,7 +103,7 @@ def plot_rescaled(ax, merged: FeatureBias, rescaled: np.ndarray, edges: Sequence
         ax.set_ylabel("E‖g‖ / √d")
         ax.set_xticks(x)
         ax.set_title("g rescaled by Π mean|W_edge| / mean|W_α|")
-        ax.legend(loc="lower left")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def plot_variance(ax, merged: FeatureBias, edges: Sequence[FeatureBias], alpha: float = 0.5) -> None:
