@@ -14,16 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .models import device_of
 from .models.norm import LayerNorm2d
 
 #: Modules whose outputs are "layers" for the diagnostics, in execution order.
 LAYER_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, LayerNorm2d)
 WEIGHT_TYPES = (nn.Conv2d, nn.Linear)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -32,9 +28,11 @@ def layer_order(model: nn.Module, example: torch.Tensor, types: tuple[type, ...]
     order: list[str] = []
     hooks = [m.register_forward_hook(lambda mod, i, o, n=name: order.append(n))
              for name, m in model.named_modules() if isinstance(m, types)]
+    was_training = model.training
     try:
-        model.eval()(example[:1].to(_device_of(model)))
+        model.eval()(example[:1].to(device_of(model)))
     finally:
+        model.train(was_training)
         for h in hooks:
             h.remove()
     if not order:
@@ -44,7 +42,7 @@ def layer_order(model: nn.Module, example: torch.Tensor, types: tuple[type, ...]
 
 @torch.no_grad()
 def layer_outputs(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The outputs of the named modules for input ``x`` (one forward pass, eval mode)."""
+    """The outputs of the named modules for input ``x`` (one forward pass in eval mode; the mode is restored)."""
     out: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
@@ -52,9 +50,11 @@ def layer_outputs(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> di
         raise ValueError(f"model has no module(s) {missing}")
     hooks = [modules[n].register_forward_hook(lambda mod, i, o, n=n: out.__setitem__(n, o.detach()))
              for n in names]
+    was_training = model.training
     try:
         model.eval()(x)
     finally:
+        model.train(was_training)
         for h in hooks:
             h.remove()
     return out
@@ -99,7 +99,7 @@ def feature_bias(model: nn.Module, data: Any, batch_size: int = 1000,
     """
     if len(data) < 2:
         raise ValueError("feature_bias needs at least 2 samples to estimate a variance")
-    device = _device_of(model)
+    device = device_of(model)
     first = next(iter(data.batches(1, augment=False, device=device)))[0]
     names = list(names) if names is not None else layer_order(model, first)
     zero = layer_outputs(model, torch.zeros_like(first), names)

@@ -10,11 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .merge import check_alpha, interpolate
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
+from .models import device_of
 
 
 @torch.no_grad()
@@ -24,7 +20,7 @@ def evaluate(model: nn.Module, data: Any, batch_size: int = 1000) -> dict[str, f
         raise ValueError("cannot evaluate on an empty dataset")
     was_training = model.training
     model.eval()
-    device = _device_of(model)
+    device = device_of(model)
     correct, loss = 0, 0.0
     for x, y in data.batches(batch_size, augment=False, device=device):
         out = model(x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 from torch import nn
 
 from .mlp import MLP
@@ -38,4 +39,10 @@ def build_model(name: str, **kw: Any) -> nn.Module:
     return cls(**fixed, **kw)
 
 
-__all__ = ["build_model", "MODELS", "MLP", "VGG", "ResNet20", "LayerNorm2d", "make_norm"]
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a parameter-free module)."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+__all__ = ["build_model", "device_of", "MODELS", "MLP", "VGG", "ResNet20", "LayerNorm2d", "make_norm"]
