@@ -1,0 +1,280 @@
+"""Aligning two networks modulo permutation: weight matching and activation matching
+(paper §2 "model merging"; DESIGN.md "Permutation"; Ainsworth et al. 2023, Git Re-Basin).
+
+Both return the :class:`~vfnb.graph.Permutation` that, applied to ``model_b`` with
+:func:`~vfnb.graph.apply_permutation`, aligns it to ``model_a``. ``layers=l`` restricts matching to the
+groups of the first ``l`` layers (a group's depth is the deepest layer whose outputs it permutes);
+every other group keeps the identity (paper Fig. 4 left, "permute only the first l layers").
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from itertools import chain, islice
+
+import numpy as np
+import torch
+import torch.fx as fx
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from .graph import Entry, Permutation, PermutationSpec, identity_permutation, permutation_spec, permute_tensor
+from .merge import check_same_architecture
+
+__all__ = ["weight_matching", "activation_matching", "active_groups"]
+
+
+def active_groups(spec: PermutationSpec, layers: int | None) -> list[int]:
+    """Indices of the groups whose depth is at most ``layers`` (all groups for None)."""
+    if layers is None:
+        return [g.index for g in spec.groups]
+    if isinstance(layers, bool) or not isinstance(layers, (int, np.integer)) or not 0 <= layers <= spec.num_layers:
+        raise ValueError(f"layers must be an integer in [0, {spec.num_layers}] (this model has {spec.num_layers} "
+                         f"conv/linear layers), got {layers!r}")
+    return [g.index for g in spec.groups if g.depth <= layers]
+
+
+def _unfold(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    """``[size, -1]``: unit ``i`` of ``axis`` (with its block) as row ``i``."""
+    return t.movedim(axis, 0).reshape(size, -1)
+
+
+def _solve(S: torch.Tensor) -> torch.Tensor:
+    _, col = linear_sum_assignment(S.numpy(), maximize=True)
+    return torch.from_numpy(col).long()
+
+
+def _pair_layout(w: torch.Tensor, e: Entry, f: Entry, size: int) -> torch.Tensor:
+    """``w`` as ``[units on e.axis, units on f.axis, rest]`` (blocks and other axes in ``rest``)."""
+    moved = w.movedim((e.axis, f.axis), (0, 1))
+    n = moved.shape[1] // f.block
+    return moved.reshape(size, e.block, n, f.block, *moved.shape[2:]).transpose(1, 2).reshape(size, n, -1)
+
+
+class _Term:
+    """One tensor axis's share ``unfold(W_a, p) · unfold(π(W_b), p)ᵀ`` of a group's similarity matrix.
+
+    With one other permuted axis ``q`` (the usual case: a weight's in/out axes), the tensors are kept
+    as ``[units on p, units on q, rest]`` and the term is updated incrementally over the units of ``q``
+    whose permutation changed since the last call: exact, and much cheaper once the descent settles.
+    """
+
+    def __init__(self, wa: torch.Tensor, wb: torch.Tensor, e: Entry, size: int,
+                 others: list[tuple[int, Entry]]) -> None:
+        self.others, self.value, self.seen = others, None, None
+        if len(others) == 1:
+            self.a, self.b = _pair_layout(wa, e, others[0][1], size), _pair_layout(wb, e, others[0][1], size)
+        else:
+            self.a, self.b, self.e, self.size = _unfold(wa, e.axis, size), wb, e, size
+
+    def __call__(self, perms: list[torch.Tensor]) -> torch.Tensor:
+        if not self.others:
+            if self.value is None:
+                self.value = self.a @ _unfold(self.b, self.e.axis, self.size).T
+            return self.value
+        if len(self.others) > 1:
+            b = permute_tensor(self.b, self.others, perms)
+            return self.a @ _unfold(b, self.e.axis, self.size).T
+        cur, old = perms[self.others[0][0]], self.seen
+        n = self.a.shape[0]
+        if self.value is None or (changed := (cur != old).nonzero().flatten()).numel() > cur.numel() // 2:
+            self.value = self.a.reshape(n, -1) @ self.b.index_select(1, cur).reshape(n, -1).T
+        elif changed.numel():
+            delta = self.b.index_select(1, cur[changed]) - self.b.index_select(1, old[changed])
+            self.value += self.a.index_select(1, changed).reshape(n, -1) @ delta.reshape(n, -1).T
+        self.seen = cur
+        return self.value
+
+
+def weight_matching(model_a: nn.Module, model_b: nn.Module, example_input: torch.Tensor, seed: int = 0,
+                    max_iter: int = 100, layers: int | None = None) -> Permutation:
+    """Permutation of ``model_b`` maximizing Σ ⟨W_a, π(W_b)⟩ over every permuted tensor (Git Re-Basin).
+
+    Coordinate descent in float64: each sweep visits the groups in a random order
+    (``numpy.random.default_rng(seed)``); for group ``g`` it solves the linear assignment of
+    ``S = Σ_{(W, axis) ∈ g} unfold(W_a, axis) · unfold(π_{-g}(W_b), axis)ᵀ``, where ``π_{-g}`` applies the
+    current permutations of the other groups. A new permutation is taken only if it strictly
+    improves ``Σ_i S[i, π(i)]``; the descent stops after a sweep that changes nothing (or ``max_iter``
+    sweeps). A group none of whose neighbours changed since it was last solved is skipped (its
+    problem is unchanged), and each term of ``S`` is updated only over the units that moved.
+    """
+    check_same_architecture(model_a, model_b)
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    spec = permutation_spec(model_a, example_input)
+    active = active_groups(spec, layers)
+    by_key = spec.by_key()
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    terms: dict[int, list[_Term]] = {}
+    for gi in active:
+        g = spec.groups[gi]
+        terms[gi] = [_Term(sa[e.key].detach().to("cpu", torch.float64), sb[e.key].detach().to("cpu", torch.float64),
+                           e, g.size, [(h, f) for h, f in by_key[e.key] if f.axis != e.axis]) for e in g.entries]
+    deps = {gi: {h for t in terms[gi] for h, _ in t.others} for gi in active}
+    perms = list(identity_permutation(spec).perms)
+    solved_at, changed_at = [-1] * len(perms), [-1] * len(perms)
+    rng, step = np.random.default_rng(seed), 0
+    for _ in range(max_iter):
+        changed = False
+        for gi in rng.permutation(active).tolist() if active else []:
+            step += 1
+            if solved_at[gi] >= 0 and all(changed_at[h] < solved_at[gi] for h in deps[gi]):
+                continue  # same assignment problem as last time
+            S = sum(t(perms) for t in terms[gi])
+            new, rows = _solve(S), torch.arange(len(S))
+            solved_at[gi] = step
+            old_score, new_score = S[rows, perms[gi]].sum().item(), S[rows, new].sum().item()
+            if new_score > old_score + 1e-12 * max(1.0, abs(old_score)):
+                perms[gi], changed_at[gi], changed = new, step, True
+        if not changed:
+            break
+    return Permutation(spec, tuple(perms))
+
+
+class _Moments:
+    """Exact streaming Pearson statistics in float64 (sums of x, y, x², y², xyᵀ over all samples)."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        self.n, self.sx, self.sy, self.sxx, self.syy, self.sxy = 0, z(size), z(size), z(size), z(size), z(size, size)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """``x``, ``y``: float64 ``[size, samples]``."""
+        self.n += x.shape[1]
+        self.sx += x.sum(1)
+        self.sy += y.sum(1)
+        self.sxx += torch.linalg.vector_norm(x, dim=1).square()
+        self.syy += torch.linalg.vector_norm(y, dim=1).square()
+        self.sxy += x @ y.T
+
+    def corr(self, eps: float = 1e-12) -> torch.Tensor:
+        n = max(self.n, 1)
+        mx, my = self.sx / n, self.sy / n
+        cov = self.sxy / n - torch.outer(mx, my)
+        sx = (self.sxx / n - mx * mx).clamp_min(0).add(eps).sqrt()
+        sy = (self.syy / n - my * my).clamp_min(0).add(eps).sqrt()
+        return (cov / torch.outer(sx, sy)).cpu()
+
+
+def _inputs(data, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """Batches of inputs from a VisionData, a tensor, or an iterable of tensors / (x, y) pairs."""
+    if hasattr(data, "batches"):
+        return (x for x, _ in data.batches(batch_size, augment=False, device=device))
+    if isinstance(data, torch.Tensor):
+        return (data[i:i + batch_size].to(device) for i in range(0, len(data), batch_size))
+    if isinstance(data, Iterable):
+        return ((b[0] if isinstance(b, (tuple, list)) else b).to(device) for b in data)
+    raise TypeError(f"data must be a VisionData, a tensor or an iterable of batches, got {type(data).__name__}")
+
+
+def _lockstep(graph: fx.Graph, models: tuple[nn.Module, nn.Module], x: torch.Tensor, hooks: dict) -> None:
+    """Run both models node by node on ``x``; ``hooks[node_name](value_a, value_b)`` sees every
+    captured activation as soon as it is computed (before any later in-place op changes it)."""
+    nodes = list(graph.nodes)
+    nodes = nodes[:max(i for i, n in enumerate(nodes) if n.name in hooks) + 1] if hooks else []
+    last = {n: i for i, node in enumerate(nodes) for n in node.all_input_nodes}
+    envs: tuple[dict, dict] = ({}, {})
+    for i, node in enumerate(nodes):  # stops after the last captured node
+        for model, env in zip(models, envs):
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
+            if node.op == "placeholder":
+                env[node] = x
+            elif node.op == "get_attr":
+                env[node] = _attr(model, node.target)
+            elif node.op == "call_function":
+                env[node] = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+            elif node.op == "call_module":
+                env[node] = model.get_submodule(node.target)(*args, **kwargs)
+        if node.name in hooks:
+            hooks[node.name](envs[0][node], envs[1][node])
+        for n in node.all_input_nodes:
+            if last.get(n) == i:
+                envs[0].pop(n, None), envs[1].pop(n, None)
+
+
+def _attr(model: nn.Module, target: str):
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@torch.no_grad()
+def activation_matching(model_a: nn.Module, model_b: nn.Module, data, example_input: torch.Tensor | None = None,
+                        layers: int | None = None, batch_size: int = 500,
+                        max_batches: int | None = None) -> Permutation:
+    """Permutation of ``model_b`` maximizing the correlation of its activations with ``model_a``'s.
+
+    One streaming pass over ``data`` (a VisionData, read without augmentation; or a tensor / iterable
+    of batches) in eval mode. Each group is aligned where its units are produced, after the
+    nonlinearity (Git Re-Basin): the outputs of the element-wise activations that carry the group
+    (``Group.captures``). For a conv → norm → ReLU chain that is the ReLU output; for a residual
+    stream it is every activated point of the stream (the stem's ReLU and each block's final
+    ReLU after the addition); a group with no nonlinearity (linear MLP) is aligned on the values
+    its consumers read. Conv maps count every position as a sample (N×H×W). Exact Pearson
+    correlations are accumulated in float64 per capture point; the group's matrix is their sum,
+    and ``linear_sum_assignment(maximize=True)`` solves it. Zero-variance units get an epsilon in
+    the denominator, so their correlations are 0, never NaN.
+    """
+    check_same_architecture(model_a, model_b)
+    device = next((p.device for p in model_a.parameters()), torch.device("cpu"))
+    if next((p.device for p in model_b.parameters()), device) != device:
+        raise ValueError("model_a and model_b must be on the same device for activation matching")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+    batches = _inputs(data, batch_size, device)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("activation matching needs at least one batch of data")
+    spec = permutation_spec(model_a, first[:2] if example_input is None else example_input)
+    active = active_groups(spec, layers)
+    stats: dict[tuple[int, str], _Moments] = {}
+    hooks: dict = {}
+    views = _Float64Views()
+    for gi in active:
+        g = spec.groups[gi]
+        for c in g.captures:
+            stats[(gi, c.node)] = m = _Moments(g.size, device)
+            prev = hooks.get(c.node)
+            hooks[c.node] = _hook(m, c.axis, g.size, views, prev)
+    modes = (model_a.training, model_b.training)
+    model_a.eval(), model_b.eval()
+    try:
+        for x in islice(chain([first], batches), max_batches):
+            _lockstep(spec.graph, (model_a, model_b), x, hooks)
+    finally:
+        model_a.train(modes[0]), model_b.train(modes[1])
+    perms = list(identity_permutation(spec).perms)
+    for gi in active:
+        corrs = [m.corr() for (h, _), m in stats.items() if h == gi]
+        if corrs:  # a group with no activation (dead code) keeps the identity
+            perms[gi] = _solve(torch.stack(corrs).sum(0))
+    return Permutation(spec, tuple(perms))
+
+
+class _Float64Views:
+    """Two reusable float64 buffers: an activation chunk is copied (and converted) into one in a
+    single pass, as ``[units, samples]``, without allocating fresh memory for every batch."""
+
+    def __init__(self) -> None:
+        self.flat = [torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)]
+
+    def __call__(self, i: int, t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+        moved = t.movedim(axis, 0)
+        if self.flat[i].numel() < moved.numel() or self.flat[i].device != t.device:
+            self.flat[i] = torch.empty(moved.numel(), dtype=torch.float64, device=t.device)
+        return self.flat[i][:moved.numel()].view(moved.shape).copy_(moved).view(size, -1)
+
+
+def _hook(m: _Moments, axis: int, size: int, views: _Float64Views, prev=None, chunk: int = 1 << 22):
+    """Feed an activation pair to ``m`` as float64 ``[size, samples]``, in chunks of the batch axis."""
+    def hook(a: torch.Tensor, b: torch.Tensor) -> None:
+        if prev is not None:
+            prev(a, b)
+        step = max(1, chunk // max(1, a[:1].numel())) if axis else a.shape[0]
+        for i in range(0, a.shape[0], step):
+            m.add(views(0, a[i:i + step], axis, size), views(1, b[i:i + step], axis, size))
+    return hook
