@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..config import Config
 from ..data import VisionData, calibration_subset, load_dataset
 from ..diagnose import FeatureBias, feature_bias, rescaled_features, weight_scale
-from ..evaluate import barrier, evaluate, interpolation_curve
+from ..evaluate import barrier, evaluate
 from ..merge import interpolate
 from ..train import TrainConfig, recipe
 from ..zoo import get_or_train, info, resolve_device
@@ -88,17 +88,21 @@ def run(cfg: Config, progress: bool = True) -> LinearResult:
              for c in edge_configs(cfg)][:2]
     data = test_data(cfg)
     alphas = cfg.alphas
-    curve = interpolation_curve(edges[0], edges[1], data, alphas, progress=progress)
-    res = LinearResult(cfg=cfg, edges=edges, edge_accuracy=[evaluate(e, data)["accuracy"] for e in edges],
-                       alphas=alphas, curve=curve, barrier=barrier(curve["alpha"], curve["accuracy"]),
-                       edge_fb=[feature_bias(e, data) for e in edges])
-    for a in tqdm(alphas, desc="diagnose α grid", disable=not progress, leave=False):
-        merged = interpolate(edges[0], edges[1], a)
-        fb = feature_bias(merged, data)
-        res.merged_fb[a] = fb
-        res.merged_scale[a] = weight_scale(merged)
-        res.rescaled[a] = rescaled_features(fb, merged, edges)
-    return res
+    acc, loss = [], []
+    merged_fb, merged_scale, rescaled = {}, {}, {}
+    for a in tqdm(alphas, desc="α grid", disable=not progress, leave=False):
+        merged = interpolate(edges[0], edges[1], a)  # one merged model per α serves every measurement
+        r = evaluate(merged, data)
+        acc.append(r["accuracy"])
+        loss.append(r["loss"])
+        merged_fb[a] = fb = feature_bias(merged, data)
+        merged_scale[a] = weight_scale(merged)
+        rescaled[a] = rescaled_features(fb, merged, edges)
+    curve = {"alpha": np.array(alphas), "accuracy": np.array(acc), "loss": np.array(loss)}
+    return LinearResult(cfg=cfg, edges=edges, edge_accuracy=[evaluate(e, data)["accuracy"] for e in edges],
+                        alphas=alphas, curve=curve, barrier=barrier(curve["alpha"], curve["accuracy"]),
+                        edge_fb=[feature_bias(e, data) for e in edges], merged_fb=merged_fb,
+                        merged_scale=merged_scale, rescaled=rescaled)
 
 
 def training_table(cfg: Config) -> list[dict[str, Any]]:
