@@ -27,7 +27,7 @@ import vfnb.data as data_mod
 import vfnb.zoo as zoo
 from vfnb.data import VisionData, load_dataset
 from vfnb.models import build_model
-from vfnb.train import TrainConfig, learning_rate, recipe
+from vfnb.train import TrainConfig, learning_rate, recipe, train
 from vfnb.zoo import CorruptCheckpointError, entry_dir, get_or_train, info, load_entry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -410,6 +410,7 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, spy_
     ({"batch_size": 0}, "batch_size"),
     ({"lr": 0.0}, "lr"),
     ({"weight_decay": -1e-4}, "weight_decay"),
+    ({"grad_clip": 0.0}, "grad_clip"),
 ])
 def test_train_config_validation(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -446,6 +447,31 @@ def test_recipe_profiles():
     assert recipe("resnet20", "cpu", norm="bn").schedule == "step"
     assert recipe("vgg11", "paper").epochs == 160
     assert recipe("mlp", "smoke", epochs=7).epochs == 7
+
+
+def test_grad_clip_is_in_the_key_only_when_set():
+    """Configurations from before ``grad_clip`` existed keep their zoo keys; a clip changes the key."""
+    a = recipe("mlp", "smoke")
+    assert a.grad_clip is None and "grad_clip" not in a.to_dict()
+    assert a.replace(grad_clip=1.0).key != a.key
+    assert TrainConfig.from_dict(a.replace(grad_clip=1.0).to_dict()).grad_clip == 1.0
+    assert recipe("vgg16", "cpu").grad_clip == 1.0 and recipe("vgg16", "paper").grad_clip is None
+
+
+def test_grad_clip_bounds_the_first_sgd_step():
+    """With plain SGD (no momentum, no weight decay) the first step moves the parameters by
+    lr·‖∇‖; clipping caps that at lr·clip, whatever the learning rate."""
+    data = load_dataset("mnist5k", "train").subset(range(64))
+    base = TrainConfig(model="mlp", model_kwargs={"depth": 2, "width": 16}, epochs=1, lr=10.0, momentum=0.0,
+                       weight_decay=0.0, batch_size=64, schedule="constant", n_train=64)
+    torch.manual_seed(0)
+    init = build_model("mlp", depth=2, width=16, in_features=784, num_classes=10)
+    moved = {}
+    for clip in (None, 0.5):
+        model, _ = train(base.replace(grad_clip=clip), data, progress=False)
+        moved[clip] = torch.sqrt(sum(((p - q) ** 2).sum() for p, q in zip(model.parameters(), init.parameters())))
+    assert moved[0.5].item() == pytest.approx(10.0 * 0.5, rel=1e-4)
+    assert moved[None].item() > 10.0 * 0.5 * 2
 
 
 # --------------------------------------------------------------------------- learning-rate schedules

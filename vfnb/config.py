@@ -71,6 +71,11 @@ PARAMS: dict[str, Param] = {
     "batch_size": Param(_int(1, 65536), "an integer in [1, 65536]", "training batch size"),
     "alpha": Param(_float(0.0, 1.0), "a float in [0, 1]", "merging coefficient shown first"),
     "n_alphas": Param(_int(2, 201), "an integer in [2, 201]", "points on the α grid (both ends included)"),
+    "model": Param(_choice("vgg11", "vgg13", "vgg16", "vgg19", "resnet20"),
+                   "one of vgg11, vgg13, vgg16, vgg19, resnet20", "edge-model architecture"),
+    "model_width": Param(_float(0.0, 8.0, lo_open=True), "a float in (0, 8]", "channel-width multiplier"),
+    "norm": Param(_choice("none", "bn", "ln"), "one of none, bn, ln", "normalization layers"),
+    "n_match": Param(_int(1), "an integer >= 1", "training images used for activation matching"),
     "device": Param(_choice("auto", "cpu", "cuda"), "one of auto, cpu, cuda", "where to compute"),
     "cache_dir": Param(_optional(lambda v: isinstance(v, (str, os.PathLike))), "a directory path or None",
                        "trained-model cache (default: $VFNB_CACHE or ~/.cache/vfnb/zoo)"),
@@ -94,6 +99,19 @@ EXPERIMENTS: dict[str, dict[str, dict[str, Any]]] = {
         "paper": {**_COMMON, "dataset": "mnist", "n_train": None, "n_test": None, "seeds": [0, 1],
                   "depth": 8, "width": 32, "epochs": 5, "lr": 0.01, "weight_decay": 1e-4,
                   "batch_size": 128, "alpha": 0.5, "n_alphas": 21},
+    },
+    # Paper §2: direct, weight-matching and activation-matching merging of two VGG16 edge models.
+    # The cpu sizes follow vfnb.train.PROFILE_CNN (width 0.25, 15 epochs, lr 0.05, weight decay 5e-3).
+    "merging": {
+        "smoke": {**_COMMON, "n_train": 512, "n_test": 256, "seeds": [0, 1], "model": "vgg16", "model_width": 0.0625,
+                  "norm": "none", "epochs": 1, "lr": 0.05, "weight_decay": 5e-3, "batch_size": 128,
+                  "alpha": 0.5, "n_alphas": 5, "n_match": 256},
+        "cpu": {**_COMMON, "n_train": None, "n_test": None, "seeds": [0, 1], "model": "vgg16", "model_width": 0.25,
+                "norm": "none", "epochs": 15, "lr": 0.05, "weight_decay": 5e-3, "batch_size": 128,
+                "alpha": 0.5, "n_alphas": 11, "n_match": 1000},
+        "paper": {**_COMMON, "dataset": "cifar10", "n_train": None, "n_test": None, "seeds": [0, 1],
+                  "model": "vgg16", "model_width": 1.0, "norm": "none", "epochs": 160, "lr": 0.1,
+                  "weight_decay": 1e-4, "batch_size": 128, "alpha": 0.5, "n_alphas": 21, "n_match": 5000},
     },
 }
 
@@ -181,7 +199,7 @@ def resolve(experiment: str, profile: str = "cpu", **params: Any) -> Config:
         value = default if value is None else value
         if isinstance(value, tuple):
             value = list(value)
-        if name in ("lr", "weight_decay", "alpha") and isinstance(value, int) and not isinstance(value, bool):
+        if name in ("lr", "weight_decay", "alpha", "model_width") and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         check_value(name, value)
         values[name] = value

@@ -86,17 +86,25 @@ class _Term:
 
 
 def weight_matching(model_a: nn.Module, model_b: nn.Module, example_input: torch.Tensor, seed: int = 0,
-                    max_iter: int = 100, layers: int | None = None) -> Permutation:
+                    max_iter: int = 100, layers: int | None = None,
+                    dtype: torch.dtype = torch.float32) -> Permutation:
     """Permutation of ``model_b`` maximizing Σ ⟨W_a, π(W_b)⟩ over every permuted tensor (Git Re-Basin).
 
-    Coordinate descent in float64: each sweep visits the groups in a random order
+    Coordinate descent: each sweep visits the groups in a random order
     (``numpy.random.default_rng(seed)``); for group ``g`` it solves the linear assignment of
     ``S = Σ_{(W, axis) ∈ g} unfold(W_a, axis) · unfold(π_{-g}(W_b), axis)ᵀ``, where ``π_{-g}`` applies the
     current permutations of the other groups. A new permutation is taken only if it strictly
     improves ``Σ_i S[i, π(i)]``; the descent stops after a sweep that changes nothing (or ``max_iter``
     sweeps). A group none of whose neighbours changed since it was last solved is skipped (its
     problem is unchanged), and each term of ``S`` is updated only over the units that moved.
+
+    ``S`` is computed in ``dtype`` (float32 by default: about 1.5-2x faster than float64 here, with the
+    same permutations on the benchmark pair); an "improvement" must then exceed the float32 rounding
+    level (1e-6 relative). Pass ``torch.float64`` for exact ties-sensitive work.
     """
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
     check_same_architecture(model_a, model_b)
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
@@ -107,7 +115,7 @@ def weight_matching(model_a: nn.Module, model_b: nn.Module, example_input: torch
     terms: dict[int, list[_Term]] = {}
     for gi in active:
         g = spec.groups[gi]
-        terms[gi] = [_Term(sa[e.key].detach().to("cpu", torch.float64), sb[e.key].detach().to("cpu", torch.float64),
+        terms[gi] = [_Term(sa[e.key].detach().to("cpu", dtype), sb[e.key].detach().to("cpu", dtype),
                            e, g.size, [(h, f) for h, f in by_key[e.key] if f.axis != e.axis]) for e in g.entries]
     deps = {gi: {h for t in terms[gi] for h, _ in t.others} for gi in active}
     perms = list(identity_permutation(spec).perms)
@@ -122,8 +130,9 @@ def weight_matching(model_a: nn.Module, model_b: nn.Module, example_input: torch
             S = sum(t(perms) for t in terms[gi])
             new, rows = _solve(S), torch.arange(len(S))
             solved_at[gi] = step
-            old_score, new_score = S[rows, perms[gi]].sum().item(), S[rows, new].sum().item()
-            if new_score > old_score + 1e-12 * max(1.0, abs(old_score)):
+            old_score = S[rows, perms[gi]].double().sum().item()
+            new_score = S[rows, new].double().sum().item()
+            if new_score > old_score + tol * max(1.0, abs(old_score)):
                 perms[gi], changed_at[gi], changed = new, step, True
         if not changed:
             break

@@ -48,6 +48,13 @@ class VGG(nn.Module):
             c = out
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(c, num_classes)
+        # He initialization of the convolutions (zero bias): PyTorch's default init shrinks the signal
+        # by a constant factor per layer, and a VGG16 without normalization then never leaves chance
+        # accuracy (measured: train loss stuck at 2.303 for 9 epochs at width 0.25 on mnist5k).
+        for m in self.features:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad:

@@ -1,0 +1,48 @@
+"""vfnb.experiments.common: the edge-model configurations and alignment shared by the chapters."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vfnb
+from vfnb.experiments import common
+from vfnb.train import recipe
+
+
+def test_edge_configs_follow_the_profile_recipe():
+    cfg = vfnb.resolve("merging", "cpu")
+    configs = common.edge_configs(cfg)
+    assert [c.seed for c in configs] == cfg.seeds
+    for c in configs:
+        assert c == recipe("vgg16", "cpu", seed=c.seed, norm="none", width=0.25)
+        assert (c.epochs, c.lr, c.weight_decay, c.grad_clip) == (15, 0.05, 5e-3, 1.0)
+    bn = common.edge_configs(cfg, model="resnet20", norm="ln", seeds=[3], width=common.width_for(cfg, "resnet20"))
+    assert bn[0].model_kwargs == {"norm": "ln", "width": 1.0} and bn[0].seed == 3
+    assert bn[0].schedule == "warmup_step"  # LayerNorm ResNets warm up (appendix A.3)
+
+
+def test_every_book_architecture_has_distinct_zoo_keys():
+    cfg = vfnb.resolve("merging", "smoke")
+    keys = {c.key for m, n in common.BOOK_ARCHITECTURES
+            for c in common.edge_configs(cfg, model=m, norm=n, width=common.width_for(cfg, m))}
+    assert len(keys) == 2 * len(common.BOOK_ARCHITECTURES)
+
+
+def test_align_methods_and_errors():
+    data = vfnb.calibration_subset(vfnb.load_dataset("mnist5k", "train"), 64)
+    kw = dict(in_channels=1, num_classes=10, input_size=28, width=0.0625)
+    torch.manual_seed(0)
+    a = vfnb.build_model("vgg11", **kw).eval()
+    perm = vfnb.random_permutation(vfnb.permutation_spec(a, common.example_input(data)), seed=3)
+    b = vfnb.apply_permutation(a, perm)
+    assert common.align(a, b, "direct", data) is None
+    assert common.aligned(b, None) is b
+    for method in ("wm", "am"):
+        found = common.align(a, b, method, data)
+        realigned = common.aligned(b, found)
+        x = common.example_input(data)
+        for (k, v), w in zip(a.state_dict().items(), realigned.state_dict().values()):
+            assert torch.equal(v, w), f"{method}: {k} not restored"
+        assert torch.allclose(a(x), realigned(x), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown alignment 'zip'"):
+        common.align(a, b, "zip", data)

@@ -1,0 +1,155 @@
+"""Paper §3 (experimental setup): tables generated from ``vfnb.config`` and ``vfnb.train``.
+
+Nothing here is typed by hand: every row is read from the profiles (``EXPERIMENTS``), the
+training recipes (``PAPER_RECIPES``, ``PROFILE_CNN``, :func:`vfnb.train.recipe`), the datasets
+themselves and the zoo.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import EXPERIMENTS, PROFILES, Config, resolve
+from ..data import DATASETS, NORMALIZATION, load_dataset
+from ..models import build_model
+from ..train import PAPER_RECIPES, PROFILE_CNN, data_kwargs, recipe
+from ..zoo import get_or_train, info, resolve_device
+from . import linear
+from .common import BOOK_ARCHITECTURES, width_for
+from .common import edge_configs as common_edge_configs
+
+
+def experiment_table() -> list[dict[str, Any]]:
+    """Per experiment and profile: dataset, data sizes, edge seeds, model and recipe (blank where an
+    experiment does not have that parameter)."""
+    rows = []
+    for name, profiles in EXPERIMENTS.items():
+        for p in PROFILES:
+            d = profiles[p]
+            if "depth" in d:
+                arch = f"linear mlp, depth {d['depth']}, width {d['width']}"
+            else:
+                arch = f"{d.get('model', '')}, width ×{d.get('model_width', '')}"
+                arch += f", norm {d['norm']}" if "norm" in d else ""
+            size = lambda k: "all" if d.get(k, "") is None else d.get(k, "")  # noqa: E731
+            rows.append({"experiment": name, "profile": p, "dataset": d.get("dataset", ""),
+                         "train images": size("n_train"), "test images": size("n_test"),
+                         "seeds": str(d.get("seeds", d.get("seed", ""))), "model": arch,
+                         "epochs": d.get("epochs", ""), "lr": d.get("lr", ""),
+                         "weight decay": d.get("weight_decay", ""), "α grid points": d.get("n_alphas", "")})
+    return rows
+
+
+def dataset_table(data_root: Any = None) -> list[dict[str, Any]]:
+    """Per dataset of ``vfnb.data``: split sizes, image shape, classes, normalization (if present here)."""
+    rows = []
+    for name in DATASETS:
+        mean, std = NORMALIZATION[name]
+        row: dict[str, Any] = {"dataset": name}
+        try:
+            tr, te = load_dataset(name, "train", root=data_root), load_dataset(name, "test", root=data_root)
+            row.update({"train": len(tr), "test": len(te), "image": f"{tr.in_channels}×{tr.image_size}×{tr.image_size}",
+                        "classes": tr.num_classes, "augmentation (train)": "crop + flip" if tr.augment else "none"})
+        except (FileNotFoundError, RuntimeError, OSError) as exc:
+            row.update({"train": "not on this machine", "test": "", "image": "", "classes": "",
+                        "augmentation (train)": type(exc).__name__})
+        row["normalization mean / std"] = f"{tuple(round(m, 4) for m in mean)} / {tuple(round(s, 4) for s in std)}"
+        rows.append(row)
+    return rows
+
+
+def recipe_table() -> list[dict[str, Any]]:
+    """The training recipe of each model family under each profile, as :func:`vfnb.train.recipe` builds it."""
+    rows = []
+    for family, model in (("mlp", "mlp"), ("cnn (VGG, ResNet20)", "vgg16")):
+        for p in PROFILES:
+            c = recipe(model, p)
+            rows.append({"family": family, "profile": p, "dataset (default)": c.dataset, "optimizer": c.optimizer,
+                         "lr": c.lr, "schedule": c.schedule, "batch": c.batch_size, "weight decay": c.weight_decay,
+                         "gradient clip": "none" if c.grad_clip is None else c.grad_clip, "epochs": c.epochs, "train images": "all" if c.n_train is None else c.n_train,
+                         "width ×": c.model_kwargs.get("width", "")})
+    return rows
+
+
+def source_table() -> list[dict[str, Any]]:
+    """The raw dictionaries the recipe table is built from (``PAPER_RECIPES`` and ``PROFILE_CNN``)."""
+    rows = [{"source": f"PAPER_RECIPES[{k!r}]", **{f: v for f, v in r.items()}} for k, r in PAPER_RECIPES.items()]
+    rows += [{"source": f"PROFILE_CNN[{k!r}]", **r} for k, r in PROFILE_CNN.items()]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return [{k: r.get(k, "") for k in keys} for r in rows]
+
+
+def model_table(cfg: Config) -> list[dict[str, Any]]:
+    """The edge architectures of the chapters at ``cfg.profile``: layers and parameter counts."""
+    rows = []
+    data = load_dataset(cfg.dataset, "test", root=cfg.data_root)
+    for exp, configs in edge_configs(cfg).items():
+        c = configs[0]
+        m = build_model(c.model, **{**c.model_kwargs, **data_kwargs(c.model, data.in_channels, data.image_size,
+                                                                      data.num_classes)})
+        n_layers = sum(1 for mod in m.modules() if type(mod).__name__ in ("Conv2d", "Linear"))
+        rows.append({"edge model": exp, "model": c.model, "arguments": str(c.model_kwargs),
+                     "conv + linear modules (with shortcuts)": n_layers, "parameters": sum(p.numel() for p in m.parameters())})
+    return rows
+
+
+def edge_configs(cfg: Config) -> dict[str, list]:
+    """The edge-model configurations the chapters train at ``cfg.profile``: the linear MLPs of §4 and
+    every CNN of :data:`~vfnb.experiments.common.BOOK_ARCHITECTURES` (§2 and §5)."""
+    lcfg = resolve("linear", profile=cfg.profile, data_root=cfg.data_root, cache_dir=cfg.cache_dir)
+    out = {"linear MLP (§4)": linear.edge_configs(lcfg)}
+    for model, norm in BOOK_ARCHITECTURES:
+        name = {"vgg16": "VGG16", "resnet20": "ResNet20"}.get(model, model) + ("" if norm == "none" else f"-{norm.upper()}")
+        out[name] = common_edge_configs(cfg, model=model, norm=norm, width=width_for(cfg, model))
+    return out
+
+
+def edge_table(cfg: Config, progress: bool = True) -> list[dict[str, Any]]:
+    """Every edge model the chapters use at this profile, trained if absent, with its zoo metrics."""
+    device = resolve_device(cfg.device)
+    rows = []
+    for exp, configs in edge_configs(cfg).items():
+        for c in configs:
+            get_or_train(c, cache_dir=cfg.cache_dir, data_root=cfg.data_root, device=device, progress=progress)
+            meta = info(c, cfg.cache_dir)
+            rows.append({"edge model": exp, "seed": c.seed, "zoo key": c.key,
+                         "epochs": c.epochs, "final train loss": round(meta["metrics"]["train_loss"], 4),
+                         "test accuracy": round(meta["metrics"]["test_accuracy"], 4),
+                         "‖W − W_init‖ / ‖W_init‖": round(weight_movement(c, cfg.cache_dir), 3)})
+    return rows
+
+
+def weight_movement(c: Any, cache_dir: Any = None) -> float:
+    """‖θ − θ_init‖ / ‖θ_init‖ over all conv/linear weights of a trained zoo model: how far training
+    moved it from its initialization (rebuilt from the seed, exactly as ``vfnb.train.train`` does)."""
+    import torch
+
+    from ..zoo import load_entry
+    model, meta = load_entry(c, cache_dir)
+    torch.manual_seed(c.seed)
+    init = build_model(c.model, **meta["model_kwargs"])
+    num = den = 0.0
+    for (name, w), w0 in zip(model.named_parameters(), init.parameters()):
+        if name.endswith("weight") and w.dim() > 1:
+            num += float(((w.detach().cpu() - w0.detach()) ** 2).sum())
+            den += float((w0.detach() ** 2).sum())
+    return (num / den) ** 0.5
+
+
+def plot_training(axes: Any, cfg: Config) -> None:
+    """Training loss and test accuracy per epoch of every edge model (from the zoo's histories)."""
+    from ..plots import style
+    with style():
+        for exp, configs in edge_configs(cfg).items():
+            for c in configs:
+                hist = info(c, cfg.cache_dir).get("history") or {}
+                if not hist.get("train_loss"):
+                    continue
+                epochs = range(1, len(hist["train_loss"]) + 1)
+                label = f"{exp}, seed {c.seed}"
+                line, = axes[0].plot(epochs, hist["train_loss"], label=label, lw=1.2)
+                if hist.get("test_acc"):
+                    axes[1].plot(epochs, hist["test_acc"], color=line.get_color(), lw=1.2)
+        axes[0].set_yscale("log")
+        axes[0].set(xlabel="epoch", ylabel="training loss", title="edge models: training loss")
+        axes[1].set(xlabel="epoch", ylabel="test accuracy", title="edge models: test accuracy")
+        axes[0].legend(fontsize=7, ncol=2)
