@@ -1,8 +1,9 @@
 """vfnb: the executable edition of *Vanishing Feature: Diagnosing Model Merging and Beyond*.
 
 The public API is re-exported here; each name lives in one module (data flows left to right):
-config → data → models → train → zoo → graph → matching → merge → diagnose / evaluate → plots
-→ widgets → book.
+config → data → models → train → zoo → graph → matching (weight, activation, ZipIt!, CCA) → merge
+(interpolation, preserve-first merging, partial zipping) → normalize (RESET, REPAIR, RESCALE, bias
+removal/calibration) → pruning → diagnose / evaluate / flops → plots → widgets → book.
 """
 from __future__ import annotations
 
@@ -19,6 +20,15 @@ from .diagnose import FeatureBias, feature_bias, upper_bound, vf_ratio, weight_s
 from .graph import (Permutation, PermutationSpec, UnsupportedOperationError, apply_permutation,  # noqa: E402
                     identity_permutation, permutation_spec, random_permutation)
 from .matching import activation_matching, weight_matching  # noqa: E402
+from .zipit import Zip, zipit_matching  # noqa: E402
+from .cca import LinearAlignment, cca_matching  # noqa: E402
+from . import normalize  # noqa: E402
+from .normalize import (calibrate_bias, conv_linear_layers, layer_stats, remove_bias, repair,  # noqa: E402
+                        repair_layers, rescale, reset_bn_stats, target_stats)
+from .pfm import PartialZip, PreserveFirst, partial_zip, preserve_first  # noqa: E402
+from .pruning import prune, repair_pruned  # noqa: E402
+from .flops import count_cost  # noqa: E402
+from .diagnose import LogitStats, VFCurve, bn_stats, logit_stats, vf_curve  # noqa: E402
 
 __all__ = [
     "Config", "ConfigError", "resolve", "VisionData", "load_dataset", "calibration_subset", "train_val_split",
@@ -26,4 +36,8 @@ __all__ = [
     "barrier", "FeatureBias", "feature_bias", "upper_bound", "vf_ratio", "weight_scale",
     "Permutation", "PermutationSpec", "UnsupportedOperationError", "permutation_spec", "random_permutation",
     "identity_permutation", "apply_permutation", "weight_matching", "activation_matching",
+    "Zip", "zipit_matching", "LinearAlignment", "cca_matching", "normalize", "reset_bn_stats", "repair", "rescale",
+    "remove_bias", "calibrate_bias", "layer_stats", "target_stats", "conv_linear_layers", "repair_layers",
+    "PreserveFirst", "PartialZip", "preserve_first", "partial_zip", "prune", "repair_pruned", "count_cost",
+    "VFCurve", "LogitStats", "vf_curve", "logit_stats", "bn_stats",
 ]

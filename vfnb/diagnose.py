@@ -192,3 +192,114 @@ def upper_bound(values: Sequence[float], gamma: float = 1.4) -> np.ndarray:
         l = i + 1
         eps[i] = max(e[i], eps[i + 1] * (gamma + (1 - gamma) * (1 - 1 / (L - l + 1))))
     return eps
+
+
+# ---------------------------------------------------------------------------------------------------
+# Vanishing-feature curve, output logits and BatchNorm statistics (paper §5.1–5.2, Fig. 3)
+@dataclass
+class VFCurve:
+    """One model's vanishing-feature measurement (Definition 5.1, Fig. 3B).
+
+    ``ratio[l]`` is E_l = E‖g⁽ˡ⁾‖ / mean over references of E‖g⁽ˡ⁾‖ for the layer outputs ``layers``
+    (every conv, linear and norm output in execution order); ``bound`` is the smoothed non-increasing
+    upper-bound sequence ε_l of :func:`upper_bound`; ``relative_depth`` is l/L, so models of
+    different depth share one axis.
+    """
+
+    layers: list[str]
+    relative_depth: np.ndarray
+    ratio: np.ndarray
+    bound: np.ndarray
+
+    def vanishes(self, threshold: float = 0.5) -> bool:
+        """Definition 5.1 at this scale: the bound falls below ``threshold`` by the last layer."""
+        return bool(self.bound[-1] < threshold)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [{"layer": n, "l/L": float(d), "E_l": float(r), "bound ε_l": float(b)}
+                for n, d, r, b in zip(self.layers, self.relative_depth, self.ratio, self.bound)]
+
+
+def vf_curve(model: nn.Module, references: Sequence[nn.Module | FeatureBias], data: Any, gamma: float = 1.4,
+             batch_size: int = 1000, names: Sequence[str] | None = None) -> VFCurve:
+    """The vanishing-feature curve of ``model`` (paper Def. 5.1, Fig. 3B, appendix A.5.1): per layer the
+    ratio E_l of its E‖g⁽ˡ⁾‖ to the mean over ``references`` (edge models after merging, or the
+    unpruned model after pruning), and the smoothed non-increasing upper bound with smoothing ``gamma``.
+
+    ``references`` may be models or precomputed :class:`FeatureBias` of the same layers (so edge models
+    are measured once for many merged models).
+    """
+    if isinstance(references, (nn.Module, FeatureBias)):
+        references = [references]
+    references = list(references)
+    if not references:
+        raise ValueError("vf_curve needs at least one reference: the edge models, or the unpruned model")
+    fb = feature_bias(model, data, batch_size=batch_size, names=names)
+    refs = []
+    for r in references:
+        if isinstance(r, FeatureBias):
+            refs.append(r)
+        elif isinstance(r, nn.Module):
+            refs.append(feature_bias(r, data, batch_size=batch_size, names=fb.names))
+        else:
+            raise TypeError(f"references must be models or FeatureBias objects, got {type(r).__name__}")
+    ratio = vf_ratio(fb, refs)
+    return VFCurve(list(fb.names), fb.relative_depth, ratio, upper_bound(ratio, gamma))
+
+
+@dataclass
+class LogitStats:
+    """Per-class output logits over the data (Fig. 3A): ``mean[c]``, ``std[c]`` over x of f(x)_c, and
+    ``zero[c]`` = f(0)_c, the input-independent offset."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    zero: np.ndarray
+
+    @property
+    def offset_ratio(self) -> float:
+        """‖f(0)‖ / E_c std_x f(x)_c: how much the offset dominates the input-induced spread."""
+        return float(np.linalg.norm(self.zero) / np.sqrt(len(self.zero)) / max(float(self.std.mean()), 1e-30))
+
+
+@torch.no_grad()
+def logit_stats(model: nn.Module, data: Any, batch_size: int = 1000) -> LogitStats:
+    """Per-class mean and std of the output logits over ``data`` and the logits f(0) of an all-zero input
+    (paper Fig. 3A). ``data`` is a VisionData (or anything with ``batches`` and ``len``)."""
+    if len(data) < 2:
+        raise ValueError("logit_stats needs at least 2 samples")
+    device = device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        s = sq = None
+        n = 0
+        for x, _ in data.batches(batch_size, augment=False, device=device):
+            out = model(x)
+            if out.dim() != 2:
+                raise ValueError(f"expected logits of shape [batch, classes], got {list(out.shape)}")
+            out = out.double()
+            s = out.sum(0) if s is None else s + out.sum(0)
+            sq = (out * out).sum(0) if sq is None else sq + (out * out).sum(0)
+            n += len(x)
+        zero = model(torch.zeros_like(x[:1]))[0].double()
+    finally:
+        model.train(was_training)
+    mean = s / n
+    std = (sq / n - mean * mean).clamp_min(0).sqrt()
+    return LogitStats(mean.cpu().numpy(), std.cpu().numpy(), zero.cpu().numpy())
+
+
+def bn_stats(model: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Running mean and running std √running_var of every BatchNorm layer, in definition order
+    (paper Fig. 3C: before vs after RESET)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            if m.running_mean is None:
+                raise ValueError(f"BatchNorm {name!r} tracks no running statistics")
+            out[name] = (m.running_mean.detach().cpu().numpy().copy(),
+                         m.running_var.detach().clamp_min(0).sqrt().cpu().numpy())
+    if not out:
+        raise ValueError(f"{type(model).__name__} has no BatchNorm layers")
+    return out
