@@ -15,8 +15,9 @@ parameters/statistics of a BatchNorm/LayerNorm that follows the layer are merged
 The input and the logits are never merged (``U⁽⁰⁾ = I``; the classifier's outputs are averaged
 with the model weights). The merged model has the architecture of the edge models.
 
-The matching (:func:`match_features`) is ZipIt!'s greedy algorithm, with its two hyperparameters
-defined as in ZipIt! §4.3 and its reference implementation:
+The matching (:func:`match_features`) is ZipIt!'s greedy algorithm. The vanishing-feature paper runs
+ZipIt!'s original code (appendix A.3), whose defaults are α = 0.3 and β = 0.125. The two
+hyperparameters are defined as in ZipIt! §4.3 and that code (``match_tensors_zipit``):
 
 - **α (repeated matching)**: similarities are a correlation matrix C (2n × 2n) of the features,
   measured where ZipIt! measures them (after the nonlinearity). The pair of clusters with the
@@ -25,9 +26,11 @@ defined as in ZipIt! §4.3 and its reference implementation:
   it takes part in). α = 0 means a merged feature is never merged again.
 - **β (same-model budget)**: at most ⌊β · ⌊n/2⌋⌋ merges per model and layer may join two clusters
   that hold features of that model only. β = 0 allows none (a pure cross-model matching);
-  β = 1 allows up to half of the merges of a layer to stay inside one model.
+  β = 1 allows ⌊n/2⌋ per model, so every merge of the layer may stay inside a model.
 
-Merging stops when n clusters remain. Two choices that the ZipIt! paper leaves open are fixed here:
+Merging stops when n clusters remain. (ZipIt!'s code labels a cluster by the model of its first member
+when it counts within-model merges; here a merge counts as within-model only if every feature of both
+clusters comes from one model.) Three choices that the ZipIt! paper leaves open are fixed here:
 
 - a feature that is constant on the data has correlation 1 with another feature constant at the
   same value, 0 with everything else (ZipIt!'s code gives it 0 everywhere); so dead ReLU units pair

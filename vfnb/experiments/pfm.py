@@ -1,0 +1,606 @@
+"""Paper §5.4 and appendix A.8: Preserve-First Merging (PFM), its tables, CCA merging and partial zipping.
+
+Edge models: VGG16 pairs (the "merging" recipe; consecutive seeds form the pairs) for Fig. 4 left,
+Table 1, the CCA table (appendix Table 3), PFM against partial zipping (A.8.2) and the
+preserved-layers explorer (A.8.1); ResNet20-BN pairs at ``resnet_width`` for appendix Table 7.
+Every merged model is evaluated on the test set at α = ``cfg.alpha``; alignments and normalization
+statistics use training images only (``n_match``).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..cca import cca_matching
+from ..config import Config
+from ..data import VisionData, calibration_subset
+from ..diagnose import FeatureBias, VFCurve, feature_bias, layer_order, upper_bound, vf_ratio
+from ..evaluate import evaluate
+from ..flops import count_cost
+from ..graph import Permutation, apply_permutation, identity_permutation
+from ..matching import activation_matching
+from ..merge import interpolate
+from ..models import device_of
+from ..normalize import BN_TYPES, conv_linear_layers, layer_stats, repair, repair_layers, reset_bn_stats
+from ..pfm import PreserveFirst, partial_zip, preserve_first
+from ..zoo import info
+from .common import align, edge_configs, edge_models, example_input, match_data, test_data
+
+#: Table columns: (label, normalization) for models without / with BatchNorm (paper Tables 1, 3 / 7, 8).
+COLUMNS = {False: [("W/o norm.", None), ("REPAIR", "repair"), ("RESCALE", "rescale"), ("Bias cal.", "bias_calibration")],
+           True: [("W/o norm.", None), ("RESET", "reset"), ("REPAIR", "repair")]}
+FIG4_METHODS = {"wm": "weight matching", "am": "activation matching"}
+#: CCA shrinkage values compared on training images (the default of cca_matching is 0.5).
+CCA_SHRINKAGE = (1e-4, 0.1, 0.9)
+
+
+@dataclass
+class PairResult:
+    """Everything measured on one pair of edge models of one architecture."""
+    edge_acc: list[float]
+    ensemble: float
+    edge_cost: dict[str, float]
+    table: dict[tuple[int, str], float] = field(default_factory=dict)      # (l, column) -> accuracy
+    cost: dict[int, dict[str, float]] = field(default_factory=dict)        # l -> cost ratios
+    cca: dict[tuple[int, str], float] = field(default_factory=dict)
+    cca_cost: dict[int, dict[str, float]] = field(default_factory=dict)
+    fig4: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (wm|am, none|repair) -> acc over l
+    zip: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)   # (pfm|zip, none|rescale) -> acc
+    zip_cost: dict[str, np.ndarray] = field(default_factory=dict)          # pfm|zip -> params ratio
+    explorer: dict[int, dict[str, Any]] = field(default_factory=dict)      # l -> curve, accuracy, ratios
+    structure: dict[int, dict[str, Any]] = field(default_factory=dict)     # l -> what is preserved / averaged
+    cca_reg: dict[float, dict[str, float]] = field(default_factory=dict)   # CCA shrinkage -> training accuracy
+
+
+@dataclass
+class PFMResult:
+    cfg: Config
+    num_layers: int
+    resnet_layers_total: int
+    vgg: list[PairResult]
+    resnet: list[PairResult]
+    seconds: dict[str, float]
+    n_test: int = 0
+
+    @property
+    def pairs(self) -> int:
+        return len(self.vgg)
+
+    def edge_mean(self, which: str = "vgg") -> float:
+        return float(np.mean([np.mean(p.edge_acc) for p in getattr(self, which)]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+def seed_pairs(seeds: Sequence[int]) -> list[tuple[int, int]]:
+    """Consecutive seeds form the edge-model pairs: [0, 1, 2, 3] -> (0, 1), (2, 3)."""
+    return [(seeds[i], seeds[i + 1]) for i in range(0, len(seeds) - 1, 2)]
+
+
+def _acc(model: nn.Module, data: VisionData) -> float:
+    return evaluate(model, data)["accuracy"]
+
+
+def restrict(perm: Permutation, layers: int) -> Permutation:
+    """``perm`` with every group deeper than ``layers`` set to the identity. For activation matching this
+    is exactly ``activation_matching(..., layers=l)``: each group is solved on its own correlations."""
+    return Permutation(perm.spec, tuple(p if g.depth <= layers else torch.arange(g.size)
+                                        for g, p in zip(perm.spec.groups, perm.perms)))
+
+
+def permuted_stats(stats: dict[str, tuple[torch.Tensor, torch.Tensor]], perm: Permutation
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Channel statistics of ``apply_permutation(model, perm)`` from those of ``model`` (no data pass)."""
+    out = {}
+    for n, (m, s) in stats.items():
+        g = perm.spec.group_of(f"{n}.weight", 0)
+        out[n] = (m, s) if g is None else (m[perm[g.index]], s[perm[g.index]])
+    return out
+
+
+def mix(sa: dict, sb: dict, alpha: float) -> dict:
+    """Eq. 2 targets ((1−α)·mean_a + α·mean_b, (1−α)·std_a + α·std_b) from two models' statistics."""
+    return {n: ((1 - alpha) * sa[n][0] + alpha * sb[n][0], (1 - alpha) * sa[n][1] + alpha * sb[n][1]) for n in sa}
+
+
+def sweep(cfg: Config, L: int) -> list[int]:
+    """The l grid of Fig. 4 left and the explorer: ``cfg.sweep_layers``, or every l from 0 to L."""
+    return list(range(L + 1)) if cfg.sweep_layers is None else _check_grid(cfg.sweep_layers, L, "sweep_layers")
+
+
+def _check_grid(values: Sequence[int], total: int, name: str) -> list[int]:
+    bad = [v for v in values if v > total]
+    if bad:
+        raise ValueError(f"parameter {name!r} = {list(values)} has values above {total}, the number of conv/linear "
+                         f"layers of this model; choose values in [0, {total}]")
+    return sorted(values)
+
+
+def pfm_vf_curve(model: PreserveFirst, edge_fbs: Sequence[FeatureBias], data: VisionData,
+                 gamma: float = 1.4) -> VFCurve:
+    """The vanishing-feature curve of a PFM model on the edge models' layers (appendix A.8.1, Fig. 3B).
+
+    A preserved layer exists twice, once per stem: its E‖g‖ is the mean over the two stems (each an
+    edge model, so the ratio is exactly 1, as the paper notes); a merged layer is measured in the tail.
+    """
+    names = edge_fbs[0].names
+    stem = {n for n, _ in model.stems[0].named_modules()}
+    measured = []
+    for n in names:
+        measured += [f"stems.0.{n}", f"stems.1.{n}"] if n in stem else [f"tail.{n}"]
+    fb = feature_bias(model, data, names=measured)
+    g = dict(zip(fb.names, fb.g_mean))
+    gmean = np.array([(g[f"stems.0.{n}"] + g[f"stems.1.{n}"]) / 2 if n in stem else g[f"tail.{n}"] for n in names])
+    own = FeatureBias(list(names), gmean, np.zeros_like(gmean), np.zeros_like(gmean), np.zeros_like(gmean))
+    ratio = vf_ratio(own, list(edge_fbs))
+    return VFCurve(list(names), own.relative_depth, ratio, upper_bound(ratio, gamma))
+
+
+def _structure(p: PreserveFirst) -> dict[str, Any]:
+    convs = [n for n in p.stem_layers]
+    return {"preserved conv/linear layers (each stem)": ", ".join(convs) if convs else "none",
+            "averaged values (fx nodes)": ", ".join(p.crossing),
+            "merged conv/linear modules (incl. shortcuts)": len(p.tail_layers)}
+
+
+def _ratio(c: dict[str, float], edge: dict[str, float]) -> dict[str, float]:
+    return {"params": c["params"] / edge["params"], "flops": c["flops"] / edge["flops"]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the parts
+def _vgg_pair(cfg: Config, a: nn.Module, b: nn.Module, data: VisionData, mdata: VisionData, diag: VisionData,
+              x: torch.Tensor, L: int, seconds: dict[str, float], progress: bool, with_explorer: bool) -> PairResult:
+    alpha = cfg.alpha
+    bn = any(isinstance(m, BN_TYPES) for m in a.modules())
+    cols = COLUMNS[bn]
+    edge_cost = count_cost(a, x)
+    pr = PairResult(edge_acc=[_acc(a, data), _acc(b, data)], ensemble=0.0, edge_cost=edge_cost)
+    t = time.perf_counter()
+    am = activation_matching(a, b, mdata, example_input=x)
+    seconds["activation matching"] = seconds.get("activation matching", 0) + time.perf_counter() - t
+    pb = apply_permutation(b, am)
+    pr.ensemble = _acc(preserve_first(a, b, am, layers=L, alpha=alpha), data)
+    rl = repair_layers(a)
+    stats_a, stats_b = layer_stats(a, mdata, layers=rl), layer_stats(b, mdata, layers=rl)
+
+    direct = identity_permutation(am.spec)  # direct merging (same as perm=None, without re-tracing)
+    # Fig. 4 left: permute only the first l layers (WM re-solved per l; AM restricted), then merge
+    t = time.perf_counter()
+    grid = sweep(cfg, L)
+    for m in FIG4_METHODS:
+        for norm in ("none", "repair"):
+            pr.fig4[(m, norm)] = np.zeros(len(grid))
+    for i, l in enumerate(tqdm(grid, desc="Fig. 4 left: permute the first l layers", disable=not progress,
+                               leave=False)):
+        for m in FIG4_METHODS:
+            perm = align(a, b, "wm", mdata, layers=l) if m == "wm" else restrict(am, l)
+            partner = apply_permutation(b, perm)
+            merged = interpolate(a, partner, alpha)
+            pr.fig4[(m, "none")][i] = _acc(merged, data)
+            if not bn:
+                tg = mix(stats_a, permuted_stats(stats_b, perm), alpha)
+                pr.fig4[(m, "repair")][i] = _acc(repair(merged, data=mdata, targets=tg), data)
+            else:
+                pr.fig4[(m, "repair")][i] = _acc(reset_bn_stats(merged, mdata), data)
+    seconds["Fig. 4 left"] = seconds.get("Fig. 4 left", 0) + time.perf_counter() - t
+
+    # Table 1: PFM_l with direct merging and AM + each normalization
+    t = time.perf_counter()
+    targets = mix(stats_a, permuted_stats(stats_b, am), alpha)
+    for l in tqdm(cfg.pfm_layers, desc="Table 1", disable=not progress, leave=False):
+        pr.table[(l, "Direct")] = _acc(preserve_first(a, b, direct, layers=l, alpha=alpha), data)
+        for label, norm in cols:
+            p = preserve_first(a, b, am, layers=l, alpha=alpha, normalize=norm, data=mdata, targets=targets)
+            pr.table[(l, label)] = _acc(p, data)
+        pr.cost[l] = _ratio(count_cost(p, x), edge_cost)
+        pr.structure[l] = _structure(p)
+    seconds["Table 1"] = seconds.get("Table 1", 0) + time.perf_counter() - t
+
+    # appendix Table 3: the same with CCA merging (networks without norm layers only)
+    if not bn and cfg.norm == "none":
+        t = time.perf_counter()
+        for reg in CCA_SHRINKAGE:  # the shrinkage of the covariances, checked on training images
+            c = cca_matching(a, b, mdata, example_input=x, reg=reg)
+            pr.cca_reg[reg] = {"merged accuracy (training images)": _acc(interpolate(a, c.apply(b), alpha), mdata),
+                               "largest condition number of T": max(float(torch.linalg.cond(t)) for t in c.transforms)}
+        cca = cca_matching(a, b, mdata, example_input=x)
+        partner = cca.apply(b)
+        ctargets = mix(stats_a, layer_stats(partner, mdata, layers=rl), alpha)
+        for l in tqdm(cfg.pfm_layers, desc="CCA table", disable=not progress, leave=False):
+            for label, norm in cols:
+                p = preserve_first(a, b, cca, layers=l, alpha=alpha, normalize=norm, data=mdata, targets=ctargets)
+                pr.cca[(l, label)] = _acc(p, data)
+            pr.cca_cost[l] = _ratio(count_cost(p, x), edge_cost)
+        seconds["CCA"] = seconds.get("CCA", 0) + time.perf_counter() - t
+
+    # appendix A.8.2: PFM (first n layers unmerged) against partial zipping (last n layers unmerged)
+    t = time.perf_counter()
+    zl = cfg.zip_layers
+    znorm = "reset" if bn else "rescale"
+    for kind in ("pfm", "zip"):
+        for norm in ("none", znorm):
+            pr.zip[(kind, norm)] = np.zeros(len(zl))
+        pr.zip_cost[kind] = np.zeros(len(zl))
+    for i, n in enumerate(tqdm(zl, desc="PFM vs partial zipping", disable=not progress, leave=False)):
+        for kind, fn in (("pfm", preserve_first), ("zip", partial_zip)):
+            for norm in ("none", znorm):
+                p = fn(a, b, am, layers=n, alpha=alpha, normalize=None if norm == "none" else norm, data=mdata,
+                       targets=targets)
+                pr.zip[(kind, norm)][i] = _acc(p, data)
+            pr.zip_cost[kind][i] = count_cost(p, x)["params"] / edge_cost["params"]
+    seconds["partial zipping"] = seconds.get("partial zipping", 0) + time.perf_counter() - t
+
+    # appendix A.8.1 / the explorer: PFM_l (AM, no normalization) for every l
+    if with_explorer:
+        t = time.perf_counter()
+        names = layer_order(a, x)
+        edge_fbs = [feature_bias(a, diag, names=names), feature_bias(pb, diag, names=names)]
+        for l in tqdm(sweep(cfg, L), desc="explorer: PFM_l over l", disable=not progress, leave=False):
+            p = preserve_first(a, b, am, layers=l, alpha=alpha)
+            pr.explorer[l] = {"curve": pfm_vf_curve(p, edge_fbs, diag), "accuracy": _acc(p, data),
+                              **_ratio(count_cost(p, x), edge_cost)}
+        seconds["explorer"] = seconds.get("explorer", 0) + time.perf_counter() - t
+    return pr
+
+
+def _resnet_pair(cfg: Config, a: nn.Module, b: nn.Module, data: VisionData, mdata: VisionData, x: torch.Tensor,
+                 layers: list[int], progress: bool) -> PairResult:
+    alpha = cfg.alpha
+    edge_cost = count_cost(a, x)
+    pr = PairResult(edge_acc=[_acc(a, data), _acc(b, data)], ensemble=0.0, edge_cost=edge_cost)
+    am = activation_matching(a, b, mdata, example_input=x)
+    L = am.spec.num_layers
+    pr.ensemble = _acc(preserve_first(a, b, am, layers=L, alpha=alpha), data)
+    direct = identity_permutation(am.spec)
+    for l in tqdm(layers, desc="ResNet20 table", disable=not progress, leave=False):
+        pr.table[(l, "Direct")] = _acc(preserve_first(a, b, direct, layers=l, alpha=alpha), data)
+        for label, norm in (("W/o norm.", None), ("RESET", "reset")):
+            p = preserve_first(a, b, am, layers=l, alpha=alpha, normalize=norm, data=mdata)
+            pr.table[(l, label)] = _acc(p, data)
+        pr.cost[l] = _ratio(count_cost(p, x), edge_cost)
+        pr.structure[l] = _structure(p)
+    return pr
+
+
+def run(cfg: Config, progress: bool = True) -> PFMResult:
+    """Train (or load) the edge pairs and compute every figure and table of the chapter."""
+    if cfg.experiment != "pfm":
+        raise ValueError(f"expected a config of experiment 'pfm', got {cfg.experiment!r}")
+    torch.manual_seed(0)
+    data, mdata = test_data(cfg), match_data(cfg)
+    diag = mdata if cfg.n_diag >= len(mdata) else calibration_subset(mdata, cfg.n_diag, seed=2)
+    seconds: dict[str, float] = {}
+    vgg, resnet = [], []
+    L = RL = 0
+    for i, (s0, s1) in enumerate(seed_pairs(cfg.seeds)):
+        t = time.perf_counter()
+        a, b = edge_models(cfg, seeds=[s0, s1], progress=progress)
+        seconds["edge models"] = seconds.get("edge models", 0) + time.perf_counter() - t
+        x = example_input(data, device_of(a))
+        L = len(conv_linear_layers(a, x))
+        _check_grid(cfg.pfm_layers, L, "pfm_layers"), _check_grid(cfg.zip_layers, L, "zip_layers")
+        vgg.append(_vgg_pair(cfg, a, b, data, mdata, diag, x, L, seconds, progress, with_explorer=i == 0))
+    rcfg = Config(cfg.experiment, {**cfg, "model": "resnet20", "model_width": cfg.resnet_width, "norm": "bn"})
+    for s0, s1 in seed_pairs(cfg.seeds):
+        t = time.perf_counter()
+        a, b = edge_models(rcfg, seeds=[s0, s1], progress=progress)
+        seconds["edge models"] = seconds.get("edge models", 0) + time.perf_counter() - t
+        x = example_input(data, device_of(a))
+        RL = len(conv_linear_layers(a, x))
+        t = time.perf_counter()
+        resnet.append(_resnet_pair(cfg, a, b, data, mdata, x, _check_grid(cfg.resnet_layers, RL, "resnet_layers"),
+                                   progress))
+        seconds["ResNet20 table"] = seconds.get("ResNet20 table", 0) + time.perf_counter() - t
+    return PFMResult(cfg, L, RL, vgg, resnet, seconds, n_test=len(data))
+
+
+# ---------------------------------------------------------------------------------------------------
+# tables
+def _fmt(values: Sequence[float], highlight_above: float | None = None) -> str:
+    """Accuracy in % as ``mean`` (one pair) or ``mean ± std`` (several), bold above ``highlight_above``."""
+    v = 100 * np.asarray(values, dtype=float)
+    text = f"{v.mean():.2f}" if len(v) == 1 else f"{v.mean():.2f} ± {v.std():.2f}"
+    return f"**{text}**" if highlight_above is not None and v.mean() > 100 * highlight_above else text
+
+
+def _cost_cells(pairs: list[PairResult], ratio: dict[str, float] | None) -> dict[str, str]:
+    """Params and FLOPs of a model as absolute numbers and as ratios to one edge model."""
+    e = pairs[0].edge_cost
+    r = ratio or {"params": 1.0, "flops": 1.0}
+    return {"Params": f"{e['params'] * r['params'] / 1e6:.3f} M ({r['params']:.3g}×)",
+            "FLOPs": f"{e['flops'] * r['flops'] / 1e6:.2f} M ({r['flops']:.3g}×)"}
+
+
+def _pfm_table(pairs: list[PairResult], layers: Sequence[int], L: int, columns: list[str], attr: str,
+               cost_attr: str, prefix: str) -> list[dict[str, str]]:
+    edge = float(np.mean([np.mean(p.edge_acc) for p in pairs]))
+    blank = {f"{prefix}{c}": "" for c in columns}
+    rows = [{"Model": "Model 1", "Direct": _fmt([p.edge_acc[0] for p in pairs]), **blank, **_cost_cells(pairs, None)},
+            {"Model": "Model 2", "Direct": _fmt([p.edge_acc[1] for p in pairs]), **blank, **_cost_cells(pairs, None)},
+            {"Model": "Ensemble", "Direct": _fmt([p.ensemble for p in pairs]), **blank,
+             **_cost_cells(pairs, {"params": 2.0, "flops": 2.0})}]
+    for l in layers:
+        row = {"Model": f"PFM {l}/{L}", "Direct": _fmt([p.table[(l, "Direct")] for p in pairs], edge)}
+        for c in columns:
+            row[f"{prefix}{c}"] = _fmt([getattr(p, attr)[(l, c)] for p in pairs], edge)
+        rows.append({**row, **_cost_cells(pairs, getattr(pairs[0], cost_attr)[l])})
+    return rows
+
+
+def table1(res: PFMResult) -> list[dict[str, str]]:
+    """Paper Table 1 at this scale: PFM_{l/L} at α with direct merging and AM + each normalization,
+    edge models and ensemble; accuracy in %, **bold** above the edge models' average."""
+    bn = res.cfg.norm == "bn"
+    cols = [c for c, _ in COLUMNS[bn]]
+    return _pfm_table(res.vgg, res.cfg.pfm_layers, res.num_layers, cols, "table", "cost", "AM ")
+
+
+def cca_table(res: PFMResult) -> list[dict[str, str]]:
+    """Appendix Table 3 at this scale: PFM with CCA merging (+ each normalization)."""
+    if not res.vgg[0].cca:
+        return []
+    cols = [c for c, _ in COLUMNS[False]]
+    return _pfm_table(res.vgg, res.cfg.pfm_layers, res.num_layers, cols, "cca", "cca_cost", "CCA ")
+
+
+def cca_reg_table(res: PFMResult) -> list[dict[str, Any]]:
+    """CCA merging (l = 0, no normalization) for several covariance shrinkages, on training images."""
+    return [{"shrinkage γ": reg, **{k: round(v, 3) for k, v in row.items()}}
+            for reg, row in sorted(res.vgg[0].cca_reg.items())]
+
+
+def resnet_table(res: PFMResult) -> list[dict[str, str]]:
+    """Appendix Table 7 at this scale: PFM on ResNet20-BN with AM, without normalization and with RESET."""
+    return _pfm_table(res.resnet, res.cfg.resnet_layers, res.resnet_layers_total, ["W/o norm.", "RESET"], "table",
+                      "cost", "AM ")
+
+
+def zip_table(res: PFMResult) -> list[dict[str, Any]]:
+    """PFM (first n layers unmerged) against partial zipping (last n layers unmerged), AM-aligned."""
+    pr = res.vgg[0]
+    znorm = next(k[1] for k in pr.zip if k[1] != "none")
+    rows = []
+    for i, n in enumerate(res.cfg.zip_layers):
+        def cell(kind: str, norm: str) -> str:
+            return _fmt([p.zip[(kind, norm)][i] for p in res.vgg])
+        rows.append({"unmerged layers n": n,
+                     "PFM (first n)": cell("pfm", "none"), f"PFM + {znorm.upper()}": cell("pfm", znorm),
+                     "params × (PFM)": f"{pr.zip_cost['pfm'][i]:.3g}",
+                     "partial zip (last n)": cell("zip", "none"), f"zip + {znorm.upper()}": cell("zip", znorm),
+                     "params × (zip)": f"{pr.zip_cost['zip'][i]:.3g}"})
+    return rows
+
+
+def structure_table(res: PFMResult, which: str = "vgg") -> list[dict[str, Any]]:
+    """Per PFM_l of a table: the layers each stem preserves and the values averaged at the cut."""
+    pr = getattr(res, which)[0]
+    L = res.num_layers if which == "vgg" else res.resnet_layers_total
+    return [{"model": f"PFM {l}/{L}", **pr.structure[l], "params ×": round(pr.cost[l]["params"], 3),
+             "FLOPs ×": round(pr.cost[l]["flops"], 3)} for l in sorted(pr.structure)]
+
+
+def training_table(cfg: Config) -> list[dict[str, Any]]:
+    """Per edge model: architecture, seed, zoo key and the test accuracy stored in the zoo."""
+    rcfg = Config(cfg.experiment, {**cfg, "model": "resnet20", "model_width": cfg.resnet_width, "norm": "bn"})
+    rows = []
+    for c in edge_configs(cfg) + edge_configs(rcfg):
+        meta = info(c, cfg.cache_dir)
+        rows.append({"model": c.model, "norm": c.model_kwargs.get("norm", ""),
+                     "width": c.model_kwargs.get("width", ""), "seed": c.seed, "key": c.key, "epochs": c.epochs,
+                     "test accuracy (full split)": round(meta["metrics"]["test_accuracy"], 4)})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# figures
+def plot_fig4(ax, res: PFMResult) -> None:
+    """Paper Fig. 4 left: merged accuracy when only the first l layers are permuted (WM, AM; plain and
+    with REPAIR), against the edge models' average."""
+    from ..plots import plot_layer_sweep
+    norm = "RESET" if res.cfg.norm == "bn" else "REPAIR"
+    curves = {}
+    for m, name in FIG4_METHODS.items():
+        curves[f"{name}"] = np.mean([p.fig4[(m, "none")] for p in res.vgg], 0)
+        curves[f"{name} + {norm}"] = np.mean([p.fig4[(m, "repair")] for p in res.vgg], 0)
+    plot_layer_sweep(ax, np.array(sweep(res.cfg, res.num_layers)), curves, edge_mean=res.edge_mean(),
+                     xlabel="layers permuted (identity after l)", title="permute only the first l layers")
+
+
+def plot_zip(ax, res: PFMResult) -> None:
+    """Appendix A.8.2: accuracy against the parameter ratio for PFM and partial zipping (AM)."""
+    from ..plots import plot_cost_curves
+    pr = res.vgg[0]
+    znorm = next(k[1] for k in pr.zip if k[1] != "none")
+    curves = {}
+    for kind, label in (("pfm", "PFM (first n unmerged)"), ("zip", "partial zip (last n unmerged)")):
+        for norm in ("none", znorm):
+            name = label + ("" if norm == "none" else f" + {znorm.upper()}")
+            curves[name] = (pr.zip_cost[kind], np.mean([p.zip[(kind, norm)] for p in res.vgg], 0))
+    plot_cost_curves(ax, curves, edge_mean=res.edge_mean(), xlabel="parameters (× one edge model)",
+                     title="PFM vs partial zipping at matching cost")
+
+
+def render_explorer(res: PFMResult, l: int):
+    """One frame of the preserved-layers explorer: the VF bound of PFM_l (left) against PFM_0, and
+    accuracy over l with the parameter and FLOP ratios (right)."""
+    from ..plots import figure, plot_layer_sweep, plot_vf_curves
+    ex = res.vgg[0].explorer
+    L = res.num_layers
+    fig, ax = figure(2, width=5.4, height=3.4)
+    curves = {f"PFM {l}/{L}": ex[l]["curve"]}
+    if l != 0:
+        curves["merged (PFM 0)"] = ex[0]["curve"]
+    plot_vf_curves(ax[0], curves)
+    ax[0].set_title(f"vanishing feature of PFM {l}/{L} (AM, no normalization)")
+    grid = sorted(ex)
+    plot_layer_sweep(ax[1], np.array(grid), {"PFM accuracy": np.array([ex[k]["accuracy"] for k in grid])},
+                     edge_mean=res.edge_mean(), ensemble=float(np.mean([p.ensemble for p in res.vgg])),
+                     xlabel="preserved layers l", current=l,
+                     title=f"l = {l}: accuracy {ex[l]['accuracy']:.3f}, params {ex[l]['params']:.2f}×, "
+                           f"FLOPs {ex[l]['flops']:.2f}×")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# claims
+def claims(res: PFMResult) -> list[dict[str, Any]]:
+    """The paper's §5.4 / A.8 claims, each checked on this run: claim, whether it holds, the evidence."""
+    out = []
+
+    def add(claim: str, holds: bool, evidence: str) -> None:
+        out.append({"claim": claim, "holds here": "yes" if holds else "no", "evidence": evidence})
+
+    edge = res.edge_mean()
+    L = res.num_layers
+    mean = lambda f: float(np.mean([f(p) for p in res.vgg]))  # noqa: E731
+    note = "" if res.pairs > 1 else " (one edge pair)"
+    for m, name in FIG4_METHODS.items():
+        curve = np.mean([p.fig4[(m, "repair")] for p in res.vgg], 0)
+        grid = sweep(res.cfg, L)
+        rho = float(np.corrcoef(grid, curve)[0, 1]) if np.std(curve) > 0 else 0.0
+        add(f"Fig. 4 left ({name} + normalization): accuracy rises with the number l of permuted layers",
+            curve[-1] > curve[0] and rho > 0,
+            f"l = {grid[0]}: {curve[0]:.3f}, l = {grid[-1]}: {curve[-1]:.3f}, correlation with l {rho:.2f}{note}")
+        add(f"Fig. 4 left ({name}): even with every layer permuted, merging stays below the edge models",
+            curve.max() < edge, f"best {curve.max():.3f} vs edge average {edge:.3f}")
+    ls = res.cfg.pfm_layers
+    am = [mean(lambda p, l=l: p.table[(l, "W/o norm.")]) for l in ls]
+    add("PFM: accuracy (AM, no normalization) rises with l", am[-1] > am[0] and all(np.diff(am) > -0.02),
+        ", ".join(f"l={l}: {v:.3f}" for l, v in zip(ls, am)))
+    cols = [c for c, _ in COLUMNS[res.cfg.norm == "bn"]]
+    best = {l: max(mean(lambda p, l=l, c=c: p.table[(l, c)]) for c in cols) for l in ls}
+    above = [l for l in ls if best[l] > edge]
+    first = above[0] if above else None
+    cost = res.vgg[0].cost
+    add("PFM exceeds the edge models' average at large l (paper: from l = 8 of 14 on CIFAR-10)",
+        best[max(ls)] > edge, (f"first l above the edge average {edge:.3f}: l = {first} ({best[first]:.3f}, "
+                      f"{cost[first]['params']:.2f}× params, {cost[first]['flops']:.2f}× FLOPs)") if above
+        else f"best PFM {max(best.values()):.3f} vs edge average {edge:.3f}")
+    mid = min(ls, key=lambda l: abs(l - round(8 * L / 14)))
+    add(f"PFM {mid}/{L} costs about 1.2× the parameters but more FLOPs (paper: 1.2× params, 1.67× FLOPs)",
+        1.05 < cost[mid]["params"] < 1.5 and cost[mid]["flops"] > cost[mid]["params"],
+        f"PFM {mid}/{L}: {cost[mid]['params']:.2f}× params, {cost[mid]['flops']:.2f}× FLOPs")
+    gap = [mean(lambda p, l=l: max(p.table[(l, c)] for c in cols[1:]) - p.table[(l, "W/o norm.")]) for l in ls]
+    add("Normalization matters less as more layers are preserved", gap[-1] < gap[0],
+        ", ".join(f"l={l}: +{g:.3f}" for l, g in zip(ls, gap)) + " (best normalization over none)")
+    if res.vgg[0].cca:
+        c0 = mean(lambda p: p.cca[(ls[0], "W/o norm.")])
+        a0 = mean(lambda p: p.table[(ls[0], "W/o norm.")])
+        cbest = [max(mean(lambda p, l=l, c=c: p.cca[(l, c)]) for c in cols) for l in ls]
+        add("CCA merging beats AM merging without normalization (Table 3 vs Table 1, l = 0)", c0 > a0,
+            f"CCA {c0:.3f} vs AM {a0:.3f}")
+        add("PFM also improves CCA merging", cbest[-1] > cbest[0],
+            ", ".join(f"l={l}: {v:.3f}" for l, v in zip(ls, cbest)) + " (best normalization)")
+    if res.resnet:
+        rl = res.cfg.resnet_layers
+        r_edge = res.edge_mean("resnet")
+        reset = [float(np.mean([p.table[(l, "RESET")] for p in res.resnet])) for l in rl]
+        plain = [float(np.mean([p.table[(l, "W/o norm.")] for p in res.resnet])) for l in rl]
+        add("ResNet20-BN (Table 7): RESET is essential, and PFM with RESET rises with l",
+            reset[0] > plain[0] and reset[-1] > reset[0],
+            f"l = {rl[0]}: {plain[0]:.3f} → {reset[0]:.3f} with RESET; l = {rl[-1]}: {reset[-1]:.3f} "
+            f"(edges {r_edge:.3f})")
+    pr = res.vgg[0]
+    znorm = next(k[1] for k in pr.zip if k[1] != "none")
+    zl = res.cfg.zip_layers
+    wins = [n for i, n in enumerate(zl) if 0 < n < L
+            and np.mean([p.zip[("pfm", znorm)][i] for p in res.vgg]) >= np.mean([p.zip[("zip", znorm)][i] for p in res.vgg])]
+    inner = [n for n in zl if 0 < n < L]
+    add(f"PFM beats partial zipping with the same number of unmerged layers (with {znorm.upper()})",
+        len(wins) >= max(1, len(inner) - 1),
+        f"PFM ≥ partial zipping at n = {wins} of {inner}")
+    # at matching parameter cost: PFM's accuracy interpolated at each partial-zipping model's cost
+    pc, zc = pr.zip_cost["pfm"], pr.zip_cost["zip"]
+    for norm in ("none", znorm):
+        pa = np.mean([p.zip[("pfm", norm)] for p in res.vgg], 0)
+        za = np.mean([p.zip[("zip", norm)] for p in res.vgg], 0)
+        order = np.argsort(pc)
+        pts = [(c, float(np.interp(c, pc[order], pa[order])), a) for c, a in zip(zc, za) if pc.min() <= c <= pc.max()]
+        if pts:
+            ok = sum(p_ >= z_ for _, p_, z_ in pts)
+            add("At matching parameter cost PFM beats partial zipping"
+                + ("" if norm == "none" else f" (with {znorm.upper()})"), ok >= len(pts) - 1 and ok > 0,
+                "; ".join(f"{c:.2f}×: PFM {p_:.3f} vs zip {z_:.3f}" for c, p_, z_ in pts))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# what each figure shows at this scale, with this run's numbers
+def notes(res: PFMResult) -> dict[str, str]:
+    """One Markdown paragraph per part of the chapter, stating what this run measured."""
+    L, edge = res.num_layers, res.edge_mean()
+    pairs = ("one edge pair (the profile's seeds form one pair, so there is no spread to report)" if res.pairs == 1
+             else f"{res.pairs} edge pairs (mean ± std over pairs)")
+    mean = lambda f, which="vgg": float(np.mean([f(p) for p in getattr(res, which)]))  # noqa: E731
+    out: dict[str, str] = {}
+    grid = sweep(res.cfg, L)
+    norm = "RESET" if res.cfg.norm == "bn" else "REPAIR"
+    f4 = {k: np.mean([p.fig4[k] for p in res.vgg], 0) for k in res.vgg[0].fig4}
+    out["fig4"] = (
+        f"Measured on {pairs}. Edge models: {edge:.3f} on average. With weight matching on the first l layers only, "
+        f"the merged midpoint goes from {f4[('wm', 'none')][0]:.3f} (l = {grid[0]}) to {f4[('wm', 'none')][-1]:.3f} "
+        f"(l = {grid[-1]}); with {norm} from {f4[('wm', 'repair')][0]:.3f} to {f4[('wm', 'repair')][-1]:.3f}. "
+        f"Activation matching: {f4[('am', 'none')][0]:.3f} → {f4[('am', 'none')][-1]:.3f}, with {norm} "
+        f"{f4[('am', 'repair')][0]:.3f} → {f4[('am', 'repair')][-1]:.3f}. The best point of any curve is "
+        f"{max(v.max() for v in f4.values()):.3f}, "
+        + ("still below the edge models." if max(v.max() for v in f4.values()) < edge else "at or above the edge models here."))
+    ls = res.cfg.pfm_layers
+    cols = [c for c, _ in COLUMNS[res.cfg.norm == "bn"]]
+    best = {l: max((mean(lambda p, l=l, c=c: p.table[(l, c)]), c) for c in cols) for l in ls}
+    above = [l for l in ls if best[l][0] > edge]
+    cost = res.vgg[0].cost
+    ens = mean(lambda p: p.ensemble)
+    out["table1"] = (
+        f"Measured on {pairs}; accuracy in %, **bold** where above the edge models' average ({100 * edge:.2f} %). "
+        f"Without preserved layers the best AM column is {best[ls[0]][1]} with {100 * best[ls[0]][0]:.2f} %. "
+        + (f"PFM first exceeds the edge average at l = {above[0]} ({best[above[0]][1]}: {100 * best[above[0]][0]:.2f} %) "
+           f"for {cost[above[0]]['params']:.2f}× the parameters and {cost[above[0]]['flops']:.2f}× the FLOPs; "
+           if above else f"No PFM row exceeds the edge average here (best {100 * max(b[0] for b in best.values()):.2f} %); ")
+        + f"the ensemble reaches {100 * ens:.2f} % for 2× both. MNIST is close to its ceiling, so the edge models leave "
+          f"little room: differences of a few tenths of a percent are within the noise of a {res.n_test:,}-image test set.")
+    if res.resnet:
+        rl = res.cfg.resnet_layers
+        r = {(l, c): mean(lambda p, l=l, c=c: p.table[(l, c)], "resnet") for l in rl for c in ("Direct", "W/o norm.", "RESET")}
+        out["resnet"] = (
+            f"ResNet20-BN (width {res.cfg.resnet_width:g}), {pairs}; edge average {res.edge_mean('resnet'):.3f}. At "
+            f"l = {rl[0]}: direct {r[(rl[0], 'Direct')]:.3f}, AM {r[(rl[0], 'W/o norm.')]:.3f}, AM + RESET "
+            f"{r[(rl[0], 'RESET')]:.3f}. At l = {rl[-1]}: AM + RESET {r[(rl[-1], 'RESET')]:.3f} for "
+            f"{res.resnet[0].cost[rl[-1]]['params']:.2f}× the parameters. The cut after layer l falls inside a residual "
+            f"block for even l: the stems then hand over two averaged values, the residual stream and the block's inner "
+            f"branch (see the structure table).")
+    if res.vgg[0].cca:
+        c = {(l, k): mean(lambda p, l=l, k=k: p.cca[(l, k)]) for l in ls for k in cols}
+        out["cca"] = (
+            f"CCA merging at l = {ls[0]}: {c[(ls[0], 'W/o norm.')]:.3f} without normalization (AM: "
+            f"{mean(lambda p: p.table[(ls[0], 'W/o norm.')]):.3f}), {c[(ls[0], 'REPAIR')]:.3f} with REPAIR and "
+            f"{c[(ls[0], 'RESCALE')]:.3f} with RESCALE; at l = {ls[-1]}: "
+            f"{max(c[(ls[-1], k)] for k in cols):.3f} (best column). The CCA maps are general invertible matrices, "
+            f"so model b's stem keeps its own weights and the map T is applied to its output (a few extra parameters, "
+            f"visible in the Params column).")
+    pr = res.vgg[0]
+    znorm = next(k[1] for k in pr.zip if k[1] != "none")
+    zl = res.cfg.zip_layers
+    zm = {k: np.mean([p.zip[k] for p in res.vgg], 0) for k in pr.zip}
+    i8 = min(range(len(zl)), key=lambda i: abs(zl[i] - round(8 * L / 14)))
+    out["zip"] = (
+        f"With n = {zl[i8]} unmerged layers, PFM reaches {zm[('pfm', 'none')][i8]:.3f} "
+        f"({zm[('pfm', znorm)][i8]:.3f} with {znorm.upper()}) at {pr.zip_cost['pfm'][i8]:.2f}× the parameters; partial "
+        f"zipping reaches {zm[('zip', 'none')][i8]:.3f} ({zm[('zip', znorm)][i8]:.3f}) at "
+        f"{pr.zip_cost['zip'][i8]:.2f}×. Keeping the last layers unmerged is expensive in parameters (VGG's late layers "
+        f"are its widest) and cheap in FLOPs; keeping the first layers is the opposite.")
+    ex = pr.explorer
+    if ex:
+        g = sorted(ex)
+        out["explorer"] = (
+            f"The bound of the plain merged model (l = 0) ends at {ex[g[0]]['curve'].bound[-1]:.3f} of the edge "
+            f"models' feature norm; with l = {g[len(g) // 2]} preserved layers at "
+            f"{ex[g[len(g) // 2]]['curve'].bound[-1]:.3f}; with l = {g[-1]} at {ex[g[-1]]['curve'].bound[-1]:.3f}. "
+            f"Accuracy (AM, no normalization) goes from {ex[g[0]]['accuracy']:.3f} to {ex[g[-1]]['accuracy']:.3f}.")
+    return out
