@@ -155,8 +155,12 @@ def test_data_formats_give_the_same_statistics():
         for s in (s2, s3, direct):
             assert_close(s1[n][0], s[n][0], abs_=1e-6)
             assert_close(s1[n][1], s[n][1])
-    s4 = layer_stats(m, vd, n_samples=12)
-    assert_close(s4["features.0"][0], preact(m, x[:12], ["features.0"])["features.0"][0], abs_=1e-6)
+    s4 = layer_stats(m, vd, n_samples=12)  # a VisionData gives a stratified subset, a tensor its first n
+    from vfnb.data import calibration_subset
+    sub = calibration_subset(vd, 12).tensors()[0]
+    assert_close(s4["features.0"][0], preact(m, sub, ["features.0"])["features.0"][0], abs_=1e-6)
+    s5 = layer_stats(m, x, n_samples=12)
+    assert_close(s5["features.0"][0], preact(m, x[:12], ["features.0"])["features.0"][0], abs_=1e-6)
 
 
 def test_rescale_matches_std_and_only_scales_the_mean():
@@ -316,3 +320,18 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="no bias and no norm"):
         repair(nob, [make("mlp", 1, depth=3, width=8, bias=False)], [1.0], xm)
     assert rescale(nob, [make("mlp", 1, depth=3, width=8, bias=False)], [1.0], xm) is not nob
+
+
+def test_n_samples_of_a_class_sorted_dataset_is_stratified():
+    """mnist5k is stored sorted by class: a calibration subset must still see every class."""
+    from vfnb.data import load_dataset
+    from vfnb.normalize import _inputs
+    data = load_dataset("mnist5k", "train")
+    sorted_data = data.subset(torch.argsort(data.labels, stable=True))
+    x = _inputs(sorted_data, n_samples=50)
+    assert x.shape[0] == 50
+    picked = {tuple(v.flatten()[:50].tolist()) for v in x}
+    by_class = {int(c): {tuple(v.flatten()[:50].tolist()) for v in sorted_data.subset(
+        torch.nonzero(sorted_data.labels == c).flatten()[:400]).tensors()[0]} for c in range(10)}
+    classes = {c for c, imgs in by_class.items() if picked & imgs}
+    assert len(classes) == 10

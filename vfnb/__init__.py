@@ -24,9 +24,10 @@ from .zipit import Zip, zipit_matching  # noqa: E402
 from .cca import LinearAlignment, cca_matching  # noqa: E402
 from . import normalize  # noqa: E402
 from .normalize import (calibrate_bias, conv_linear_layers, layer_stats, remove_bias, repair,  # noqa: E402
-                        repair_layers, rescale, reset_bn_stats, target_stats)
+                        repair_layers, rescale, reset_bn_stats, target_stats, weighted_stats)
 from .pfm import PartialZip, PreserveFirst, partial_zip, preserve_first  # noqa: E402
-from .pruning import prune, repair_pruned  # noqa: E402
+from .pruning import (apply_masks, prunable_layers, prune, prune_scores, pruning_targets, repair_pruned,  # noqa: E402
+                      select_masks, weight_sparsity)
 from .flops import count_cost  # noqa: E402
 from .diagnose import LogitStats, VFCurve, bn_stats, logit_stats, vf_curve  # noqa: E402
 
@@ -37,7 +38,8 @@ __all__ = [
     "Permutation", "PermutationSpec", "UnsupportedOperationError", "permutation_spec", "random_permutation",
     "identity_permutation", "apply_permutation", "weight_matching", "activation_matching",
     "Zip", "zipit_matching", "LinearAlignment", "cca_matching", "normalize", "reset_bn_stats", "repair", "rescale",
-    "remove_bias", "calibrate_bias", "layer_stats", "target_stats", "conv_linear_layers", "repair_layers",
-    "PreserveFirst", "PartialZip", "preserve_first", "partial_zip", "prune", "repair_pruned", "count_cost",
+    "remove_bias", "calibrate_bias", "layer_stats", "target_stats", "weighted_stats", "conv_linear_layers", "repair_layers",
+    "PreserveFirst", "PartialZip", "preserve_first", "partial_zip", "prune", "repair_pruned", "prune_scores", "select_masks", "apply_masks",
+    "weight_sparsity", "prunable_layers", "pruning_targets", "count_cost",
     "VFCurve", "LogitStats", "vf_curve", "logit_stats", "bn_stats",
 ]

@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .data import VisionData, calibration_subset
 from .graph import UnsupportedOperationError, _depths, _Tracer  # the permutation engine's fx tracer and layer count
 from .merge import check_alpha, check_same_architecture
 from .models import device_of
@@ -52,7 +53,9 @@ EPS = 1e-6
 # ---------------------------------------------------------------------------------------------------
 # inputs
 def _inputs(data: Any, n_samples: int | None = None) -> torch.Tensor:
-    """All inputs of ``data`` (first ``n_samples``) as one float tensor on the CPU."""
+    """All inputs of ``data`` as one float tensor on the CPU; with ``n_samples``, a class-stratified
+    subset of a VisionData (its images may be sorted by class, so "the first n" could be one digit),
+    or the first ``n_samples`` of a tensor or batch iterable."""
     if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1):
         raise ValueError(f"n_samples must be an integer >= 1 or None (all of the data), got {n_samples!r}")
     if data is None:
@@ -60,6 +63,8 @@ def _inputs(data: Any, n_samples: int | None = None) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         xs = [data]
     elif hasattr(data, "batches"):
+        if isinstance(data, VisionData) and n_samples is not None and n_samples < len(data):
+            data = calibration_subset(data, n_samples)
         xs = []
         seen = 0
         for x, _ in data.batches(500, augment=False):

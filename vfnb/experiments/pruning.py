@@ -293,6 +293,9 @@ def plot_calibration(ax, res: PruningResult, norm: str) -> None:
             c = res.calibration[(norm, p)]
             ax.plot(c["n"], c["accuracy"], "o-", color=colors[i % len(colors)], label=PRUNER_LABELS[p])
         ax.set_xscale("log", base=2)
+        sizes = sorted({n for p in res.pruners for n in res.calibration[(norm, p)]["n"]})
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([str(n) for n in sizes])
         ax.set_xlabel("calibration images (unpruned and pruned model)")
         ax.set_ylabel("test accuracy after the fix")
         ax.set_title(f"{res.label(norm)} at sparsity {res.cfg.sparsity:g} + {FIX_LABELS[res.fix(norm)]}")
