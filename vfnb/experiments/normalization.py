@@ -389,12 +389,12 @@ def plot_methods(ax, res: NormalizationResult, matching: str) -> None:
         ax.plot(res.direct["alpha"], res.direct["accuracy"], ":", color="black", lw=1, label="direct (no alignment)")
         for method in METHODS:
             c = res.curves[(matching, method)]
-            label = f"bias removal (k={res.k[matching]})" if method == "bias removal" else method
+            label = "bias removal (last k, k from validation)" if method == "bias removal" else method
             ax.plot(c["alpha"], c["accuracy"], "o-", color=METHOD_COLORS[method], label=label)
         ax.set_ylim(0, 1)
         ax.set_xlabel("α")
         ax.set_ylabel("test accuracy")
-        ax.set_title(matching)
+        ax.set_title(f"{matching} (bias removal: k = {res.k[matching]})")
 
 
 def plot_removal(ax, res: NormalizationResult, matching: str) -> None:
