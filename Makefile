@@ -31,10 +31,11 @@ test: $(STAMP)  ## all tests: unit, smoke run of every chapter, smoke book in he
 test-fast: $(STAMP)  ## tests without notebook runs, book builds or browser
 	$(PY) -m pytest -q -m "not slow and not browser"
 
-bench: $(STAMP)  ## wall times against their goals (smoke chapters 30 s each; §4 cpu 180 s cold, 30 s warm; WM 2 s, AM 1.5x forward)
+bench: $(STAMP)  ## wall times against their goals (smoke chapters 30 s each; §4 cpu 180 s cold, 30 s warm; WM 2 s, AM 1.5x forward; REPAIR α sweep <= 2 passes per α)
 	$(PY) benchmarks/bench_smoke_chapters.py
 	$(PY) benchmarks/bench_chapter4.py
 	$(PY) benchmarks/bench_matching.py
+	$(PY) benchmarks/bench_repair_sweep.py
 
 clean:  ## remove build outputs (keeps the virtualenv and the trained-model cache)
 	rm -rf $(OUT) .pytest_cache

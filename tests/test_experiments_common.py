@@ -46,3 +46,18 @@ def test_align_methods_and_errors():
         assert torch.allclose(a(x), realigned(x), atol=1e-6)
     with pytest.raises(ValueError, match="unknown alignment 'zip'"):
         common.align(a, b, "zip", data)
+
+
+def test_resnet20_ln_gets_its_own_batch_and_weight_decay_unless_the_reader_sets_them():
+    from vfnb.train import RESNET_LN_CNN
+    cfg = vfnb.resolve("merging", "cpu")
+    ln = common.edge_configs(cfg, model="resnet20", norm="ln", width=1.0)[0]
+    bn = common.edge_configs(cfg, model="resnet20", norm="bn", width=1.0)[0]
+    assert (ln.batch_size, ln.weight_decay) == (RESNET_LN_CNN["cpu"]["batch_size"], RESNET_LN_CNN["cpu"]["weight_decay"])
+    assert (bn.batch_size, bn.weight_decay) == (cfg.batch_size, cfg.weight_decay)
+    assert ln.schedule == "warmup_step" and bn.schedule == "step"
+    mine = common.edge_configs(vfnb.resolve("merging", "cpu", weight_decay=1e-3, batch_size=32),
+                               model="resnet20", norm="ln", width=1.0)[0]
+    assert (mine.batch_size, mine.weight_decay) == (32, 1e-3)
+    paper = common.edge_configs(vfnb.resolve("merging", "paper"), model="resnet20", norm="ln", width=1.0)[0]
+    assert (paper.batch_size, paper.weight_decay) == (128, 1e-4)

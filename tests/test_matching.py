@@ -176,3 +176,13 @@ def test_matching_handles_blocks_shared_modules_and_channels_last():
         copy = apply_permutation(model, perm)
         assert weight_matching(model, copy, x) == perm.inverse()
         assert activation_matching(model, copy, x, batch_size=16) == perm.inverse()
+
+
+def test_matchers_refuse_a_diverged_model(data):
+    a, b, _, x = model_and_copy("mlp-relu", data)
+    with torch.no_grad():
+        next(b.parameters())[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="model_b has non-finite values.*diverged"):
+        weight_matching(a, b, x)
+    with pytest.raises(ValueError, match="model_b has non-finite values"):
+        activation_matching(a, b, data, example_input=x)

@@ -506,3 +506,12 @@ def test_warmup_ramps_linearly_from_1e_6_over_the_first_epoch():
 def test_constant_schedule_stays_constant():
     cfg = TrainConfig(model="mlp", epochs=30, lr=0.01, schedule="constant", optimizer="adam")
     assert {learning_rate(cfg, e, s, 7) for e in range(30) for s in range(7)} == {0.01}
+
+
+def test_a_diverged_training_raises_and_leaves_no_entry(tmp_path):
+    from vfnb.train import TrainingDivergedError
+    cfg = tiny(7, lr=1e30)
+    with pytest.raises(TrainingDivergedError, match="grad_clip"):
+        get_or_train(cfg, cache_dir=tmp_path, **RUN)
+    with pytest.raises(FileNotFoundError):
+        load_entry(cfg, tmp_path)

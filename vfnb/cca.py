@@ -134,7 +134,7 @@ class LinearAlignment:
         ``T_out · W · T_in⁻¹`` and every bias ``T_out · b`` (paper A.8.3). ``model_b`` is untouched."""
         self.check_source(model_b)
         moved = [g.index for g, t in zip(self.spec.groups, self.transforms)
-                 if not torch.equal(t, torch.eye(len(t), dtype=t.dtype))]
+                 if not torch.equal(t, torch.eye(len(t), dtype=t.dtype, device=t.device))]
         _check_linear_spec(self.spec, model_b, moved)
         new = copy.deepcopy(model_b)
         state = new.state_dict()
@@ -158,7 +158,7 @@ class LinearAlignment:
         return _matmul_axis(x, self.transforms[group].to(x), axis, block)
 
     def __repr__(self) -> str:
-        moved = sum(not torch.equal(t, torch.eye(len(t), dtype=t.dtype)) for t in self.transforms)
+        moved = sum(not torch.equal(t, torch.eye(len(t), dtype=t.dtype, device=t.device)) for t in self.transforms)
         return f"LinearAlignment({len(self)} groups, {moved} not identity, of {self.spec.model_type})"
 
 
@@ -169,7 +169,7 @@ def _matmul_axis(t: torch.Tensor, m: torch.Tensor, axis: int, block: int = 1) ->
     moved = t.movedim(axis, -1)
     shape = moved.shape
     u = moved.reshape(*shape[:-1], size, block)
-    out = torch.einsum("ij,...jb->...ib", m.to(t.dtype), u)
+    out = torch.einsum("ij,...jb->...ib", m.to(device=t.device, dtype=t.dtype), u)
     return out.reshape(shape).movedim(-1, axis)
 
 

@@ -18,7 +18,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from .graph import Entry, Permutation, PermutationSpec, identity_permutation, permutation_spec, permute_tensor
-from .merge import check_same_architecture
+from .merge import check_finite, check_same_architecture
 
 __all__ = ["weight_matching", "activation_matching", "active_groups"]
 
@@ -106,6 +106,8 @@ def weight_matching(model_a: nn.Module, model_b: nn.Module, example_input: torch
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     check_same_architecture(model_a, model_b)
+    check_finite(model_a, "model_a")
+    check_finite(model_b, "model_b")
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     spec = permutation_spec(model_a, example_input)
@@ -227,6 +229,8 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, data, example_in
     the denominator, so their correlations are 0, never NaN.
     """
     check_same_architecture(model_a, model_b)
+    check_finite(model_a, "model_a")
+    check_finite(model_b, "model_b")
     device = next((p.device for p in model_a.parameters()), torch.device("cpu"))
     if next((p.device for p in model_b.parameters()), device) != device:
         raise ValueError("model_a and model_b must be on the same device for activation matching")

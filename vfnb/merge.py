@@ -17,6 +17,15 @@ def check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
+def check_finite(model: nn.Module, name: str = "model") -> None:
+    """Raise ``ValueError`` if a parameter or buffer of ``model`` holds NaN or infinity (a diverged
+    training run): matching or merging it would only spread the NaNs."""
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"{name} has non-finite values in {k!r}: its training diverged. Retrain it with a "
+                             "lower learning rate or gradient clipping (TrainConfig.grad_clip)")
+
+
 def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
     """Raise ``ValueError`` naming the first difference if the two models cannot be merged."""
     if type(model_a) is not type(model_b):

@@ -1,6 +1,8 @@
 """Training recipes (paper Table 2) and a resumable training loop."""
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import hashlib
 import json
@@ -139,6 +141,10 @@ def _accuracy(model: nn.Module, data: Any, device: torch.device) -> float:
     return correct / len(data)
 
 
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite (too high a learning rate, no gradient clipping)."""
+
+
 def train(config: TrainConfig, train_data: Any, test_data: Any = None, checkpoint: Path | None = None,
           device: str | torch.device = "cpu", progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Train one edge model with ``config``; return it (in eval mode) and its history.
@@ -192,6 +198,12 @@ def train(config: TrainConfig, train_data: Any, test_data: Any = None, checkpoin
             opt.step()
             total_loss += loss.item() * len(y)
             correct += (out.argmax(1) == y).sum().item()
+        if not math.isfinite(total_loss):
+            bar.close()
+            raise TrainingDivergedError(
+                f"training {config.model} (seed {config.seed}) diverged in epoch {epoch + 1}: the loss became "
+                f"{total_loss / n}. Lower the learning rate (lr={config.lr}) or clip gradients "
+                "(TrainConfig.grad_clip, e.g. 1.0); nothing of this epoch was saved")
         history["train_loss"].append(total_loss / n)
         history["train_acc"].append(correct / n)
         if test_data is not None:
@@ -228,6 +240,17 @@ PROFILE_CNN: dict[str, dict[str, Any]] = {
 }
 
 
+#: ResNet20-LN at the small profiles: batches of 64 and weight decay 5e-4 instead of 128 and 5e-3.
+#: Measured (H100, mnist5k, width 1, 15 epochs, seeds 0-3): with the shared CNN recipe one seed of
+#: four stayed at chance and the others reached 0.53-0.80 (on the CPU, seed 0 stayed at chance);
+#: lr 0.1, lr 0.01-0.02, no clipping, no warm-up and batches of 32 or 64 alone each left at least
+#: one seed at chance; batch 64 with weight decay 5e-4 trained all four seeds to 0.94-0.97.
+RESNET_LN_CNN: dict[str, dict[str, Any]] = {
+    "smoke": {"batch_size": 64, "weight_decay": 5e-4},
+    "cpu": {"batch_size": 64, "weight_decay": 5e-4},
+}
+
+
 def recipe(model: str, profile: str = "cpu", dataset: str | None = None, seed: int = 0,
            **overrides: Any) -> TrainConfig:
     """The training configuration the paper uses for ``model``, scaled to ``profile``.
@@ -254,5 +277,6 @@ def recipe(model: str, profile: str = "cpu", dataset: str | None = None, seed: i
         base.update(scale)
         if model == "resnet20" and model_kwargs.get("norm") == "ln":
             base["schedule"] = "warmup_step"
+            base.update(RESNET_LN_CNN.get(profile, {}))
     base.update(overrides)
     return TrainConfig(model=model, dataset=dataset, model_kwargs=model_kwargs, seed=seed, **base)

@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Config
+from ..config import EXPERIMENTS, Config
 from ..data import VisionData, calibration_subset, load_dataset
 from ..graph import Permutation, apply_permutation
 from ..matching import activation_matching, weight_matching
-from ..train import TrainConfig, recipe
+from ..train import RESNET_LN_CNN, TrainConfig, recipe
 from ..zoo import get_or_train, resolve_device
 
 #: Alignment methods by short name (what the configs and tables use).
@@ -38,9 +38,16 @@ def edge_configs(cfg: Config, model: str | None = None, norm: str | None = None,
     extra: dict[str, Any] = {"width": cfg.model_width if width is None else width}
     if model == "resnet20" or model.startswith("vgg"):
         extra["norm"] = norm
-    return [recipe(model, cfg.profile, dataset=cfg.dataset, seed=s, epochs=cfg.epochs, lr=cfg.lr,
-                   weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, n_train=cfg.n_train, **extra)
-            for s in seeds]
+    train_kw = {"epochs": cfg.epochs, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
+                "n_train": cfg.n_train}
+    if model == "resnet20" and norm == "ln":
+        # ResNet20-LN has its own batch size and weight decay at the small profiles (train.RESNET_LN_CNN);
+        # the chapter's values replace them only where the reader changed them from the profile's defaults
+        defaults = EXPERIMENTS[cfg.experiment][cfg.profile]
+        for k in RESNET_LN_CNN.get(cfg.profile, {}):
+            if k in defaults and train_kw[k] == defaults[k]:
+                del train_kw[k]
+    return [recipe(model, cfg.profile, dataset=cfg.dataset, seed=s, **train_kw, **extra) for s in seeds]
 
 
 def edge_models(cfg: Config, model: str | None = None, norm: str | None = None, seeds: list[int] | None = None,

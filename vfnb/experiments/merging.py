@@ -2,7 +2,8 @@
 
 Two VGG edge models (no normalization) are trained from different seeds. Model 1 is aligned to
 model 0 by weight matching (WM) or activation matching (AM) and the two are interpolated,
-θ_α = (1−α)θ₀ + α·π(θ₁); direct merging uses no permutation.
+θ_α = (1−α)θ₀ + α·π(θ₁); direct merging uses no permutation. The same interpolation is then
+renormalized: REPAIR (Eq. 2) on the pair itself, and RESET on a VGG-BN pair of the same recipe.
 """
 from __future__ import annotations
 
@@ -23,10 +24,15 @@ from ..graph import Permutation, apply_permutation, permutation_spec, random_per
 from ..matching import activation_matching, weight_matching
 from ..merge import interpolate
 from ..models import device_of
+from ..normalize import layer_stats, repair, reset_bn_stats, weighted_stats
 from ..zoo import info
 from .common import edge_configs, edge_models, example_input, match_data, test_data
 
 METHODS = ("direct", "weight matching", "activation matching")
+#: The renormalized curves: REPAIR on the chapter's pair, and the BatchNorm pair with and without RESET.
+REPAIRED = ("weight matching + REPAIR", "activation matching + REPAIR")
+BN_CURVES = ("BN: weight matching", "BN: weight matching + RESET", "BN: activation matching",
+             "BN: activation matching + RESET")
 
 
 @torch.no_grad()
@@ -64,6 +70,8 @@ class MergingResult:
     curves: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     barriers: dict[str, float] = field(default_factory=dict)
     scales: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the BatchNorm pair (``norm="bn"``, same recipe and seeds) of the RESET curves, and its accuracies
+    bn_edge_metrics: list[dict[str, float]] = field(default_factory=list)
 
     def midpoint(self, method: str) -> dict[str, float]:
         c = self.curves[method]
@@ -109,7 +117,77 @@ def run(cfg: Config, progress: bool = True) -> MergingResult:
         res.curves[method] = curve
         res.barriers[method] = barrier(curve["alpha"], curve["accuracy"])
         res.scales[method] = weight_scale(interpolate(edges[0], partner, cfg.alpha))
+    for method in tqdm(METHODS[1:], desc="REPAIR", disable=not progress, leave=False):
+        name = f"{method} + REPAIR"
+        res.curves[name] = repaired_curve(edges[0], aligned_partner(res, method), data, mdata, cfg.alphas,
+                                          progress=progress)
+        res.barriers[name] = barrier(res.curves[name]["alpha"], res.curves[name]["accuracy"])
+    _reset_curves(res, data, mdata, progress)
     return res
+
+
+def repaired_curve(model_a: nn.Module, partner: nn.Module, data: VisionData, calib: VisionData,
+                   alphas: list[float], progress: bool = True) -> dict[str, np.ndarray]:
+    """Accuracy and loss along α of the interpolation followed by REPAIR (paper Eq. 2): each channel's
+    pre-activation mean/std on ``calib`` is set to (1−α)·edge₀ + α·partner. The two references are
+    measured once; each α costs one pass over ``calib``."""
+    stats = [layer_stats(model_a, calib), layer_stats(partner, calib)]
+    acc, loss = [], []
+    for a in tqdm(alphas, desc="REPAIR along α", disable=not progress, leave=False):
+        merged = repair(interpolate(model_a, partner, a), data=calib, targets=weighted_stats(stats, [1 - a, a]))
+        r = evaluate(merged, data)
+        acc.append(r["accuracy"])
+        loss.append(r["loss"])
+    return {"alpha": np.array(alphas, float), "accuracy": np.array(acc), "loss": np.array(loss)}
+
+
+def reset_curve(model_a: nn.Module, partner: nn.Module, data: VisionData, calib: VisionData,
+                alphas: list[float], progress: bool = True) -> dict[str, np.ndarray]:
+    """Accuracy and loss along α of the interpolation of two BatchNorm models followed by RESET (appendix
+    Alg. 1): every BatchNorm's running statistics are re-estimated on ``calib``."""
+    acc, loss = [], []
+    for a in tqdm(alphas, desc="RESET along α", disable=not progress, leave=False):
+        r = evaluate(reset_bn_stats(interpolate(model_a, partner, a), calib), data)
+        acc.append(r["accuracy"])
+        loss.append(r["loss"])
+    return {"alpha": np.array(alphas, float), "accuracy": np.array(acc), "loss": np.array(loss)}
+
+
+def _reset_curves(res: MergingResult, data: VisionData, mdata: VisionData, progress: bool) -> None:
+    """The RESET curves: a VGG-BN pair of the same recipe, aligned by WM and by AM, with and without RESET."""
+    cfg = res.cfg
+    bn = edge_models(cfg, norm="bn", seeds=list(cfg.seeds[:2]), progress=progress)
+    res.bn_edge_metrics = [evaluate(e, data) for e in bn]
+    x = example_input(data, device_of(bn[0]))
+    perms = {"weight matching": weight_matching(bn[0], bn[1], x, seed=0),
+             "activation matching": activation_matching(bn[0], bn[1], mdata, example_input=x)}
+    for method, perm in perms.items():
+        partner = apply_permutation(bn[1], perm)
+        res.curves[f"BN: {method}"] = interpolation_curve(bn[0], partner, data, cfg.alphas, progress=progress)
+        res.curves[f"BN: {method} + RESET"] = reset_curve(bn[0], partner, data, mdata, cfg.alphas, progress=progress)
+    for name in BN_CURVES:
+        res.barriers[name] = barrier(res.curves[name]["alpha"], res.curves[name]["accuracy"])
+
+
+def curve_groups(res: MergingResult) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """The chapter's three panels: the plain merges, the merges with REPAIR, and the BN pair with RESET."""
+    return {"no normalization": {m: res.curves[m] for m in METHODS},
+            "with REPAIR": {m: res.curves[m] for m in (*METHODS[1:], *REPAIRED)},
+            "BatchNorm pair, with RESET": {m.removeprefix("BN: "): res.curves[m] for m in BN_CURVES}}
+
+
+def normalized_table(res: MergingResult) -> list[dict[str, Any]]:
+    """Per renormalized curve: accuracy and loss at α, and the barrier, next to the edges it merges."""
+    bn_edge = float(np.mean([m["accuracy"] for m in res.bn_edge_metrics]))
+    edge = float(np.mean([m["accuracy"] for m in res.edge_metrics]))
+    rows = []
+    for m in (*METHODS[1:], *REPAIRED, *BN_CURVES):
+        mid = res.midpoint(m)
+        rows.append({"edge models": "VGG-BN" if m.startswith("BN") else f"VGG ({res.cfg.norm})",
+                     "edges (mean accuracy)": bn_edge if m.startswith("BN") else edge,
+                     "merge": m.removeprefix("BN: "), f"accuracy at α={res.cfg.alpha:g}": mid["accuracy"],
+                     "loss": mid["loss"], "barrier": res.barriers[m]})
+    return rows
 
 
 def training_table(cfg: Config) -> list[dict[str, Any]]:
@@ -182,6 +260,14 @@ def claims(res: MergingResult) -> list[dict[str, Any]]:
         f"AM midpoint {a:.3f} (barrier {res.barriers['activation matching']:.3f}) vs direct {d:.3f}")
     add("A gap to the edge models remains after alignment (without REPAIR)", max(w, a) < edge_acc - 0.01,
         f"best aligned midpoint {max(w, a):.3f} vs edges {edge_acc:.3f}")
+    rw_, ra_ = (res.midpoint(m)["accuracy"] for m in REPAIRED)
+    add("REPAIR raises the aligned midpoints (WM and AM)", rw_ > w and ra_ > a,
+        f"midpoint WM {w:.3f} → {rw_:.3f} with REPAIR, AM {a:.3f} → {ra_:.3f} (edges {edge_acc:.3f})")
+    if res.bn_edge_metrics:
+        bn_edge = float(np.mean([m["accuracy"] for m in res.bn_edge_metrics]))
+        bw, bwr = (res.midpoint(m)["accuracy"] for m in BN_CURVES[:2])
+        add("For BatchNorm models, RESET is needed after merging", bwr > bw + 0.05,
+            f"VGG-BN WM midpoint {bw:.3f} → {bwr:.3f} with RESET (edges {bn_edge:.3f})")
     rd, rw, ra = (float(np.mean(res.scale_ratio(m))) for m in METHODS)
     add("Merging shrinks the parameter scale, alignment less so", rd < 1 and rd < min(rw, ra),
         f"mean|W_α| / edges averaged over layers: direct {rd:.3f}, WM {rw:.3f}, AM {ra:.3f}")

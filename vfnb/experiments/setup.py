@@ -11,7 +11,7 @@ from typing import Any
 from ..config import EXPERIMENTS, PROFILES, Config, resolve
 from ..data import DATASETS, NORMALIZATION, load_dataset
 from ..models import build_model
-from ..train import PAPER_RECIPES, PROFILE_CNN, data_kwargs, recipe
+from ..train import PAPER_RECIPES, PROFILE_CNN, RESNET_LN_CNN, data_kwargs, recipe
 from ..zoo import get_or_train, info, resolve_device
 from . import linear
 from .common import BOOK_ARCHITECTURES, width_for
@@ -60,9 +60,10 @@ def dataset_table(data_root: Any = None) -> list[dict[str, Any]]:
 def recipe_table() -> list[dict[str, Any]]:
     """The training recipe of each model family under each profile, as :func:`vfnb.train.recipe` builds it."""
     rows = []
-    for family, model in (("mlp", "mlp"), ("cnn (VGG, ResNet20)", "vgg16")):
+    for family, model, kw in (("mlp", "mlp", {}), ("cnn (VGG, ResNet20-BN)", "vgg16", {}),
+                              ("ResNet20-LN", "resnet20", {"norm": "ln"})):
         for p in PROFILES:
-            c = recipe(model, p)
+            c = recipe(model, p, **kw)
             rows.append({"family": family, "profile": p, "dataset (default)": c.dataset, "optimizer": c.optimizer,
                          "lr": c.lr, "schedule": c.schedule, "batch": c.batch_size, "weight decay": c.weight_decay,
                          "gradient clip": "none" if c.grad_clip is None else c.grad_clip, "epochs": c.epochs, "train images": "all" if c.n_train is None else c.n_train,
@@ -74,6 +75,7 @@ def source_table() -> list[dict[str, Any]]:
     """The raw dictionaries the recipe table is built from (``PAPER_RECIPES`` and ``PROFILE_CNN``)."""
     rows = [{"source": f"PAPER_RECIPES[{k!r}]", **{f: v for f, v in r.items()}} for k, r in PAPER_RECIPES.items()]
     rows += [{"source": f"PROFILE_CNN[{k!r}]", **r} for k, r in PROFILE_CNN.items()]
+    rows += [{"source": f"RESNET_LN_CNN[{k!r}] (after PROFILE_CNN)", **r} for k, r in RESNET_LN_CNN.items()]
     keys = list(dict.fromkeys(k for r in rows for k in r))
     return [{k: r.get(k, "") for k in keys} for r in rows]
 
