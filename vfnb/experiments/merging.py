@@ -31,8 +31,8 @@ from .common import edge_configs, edge_models, example_input, match_data, test_d
 METHODS = ("direct", "weight matching", "activation matching")
 #: The renormalized curves: REPAIR on the chapter's pair, and the BatchNorm pair with and without RESET.
 REPAIRED = ("weight matching + REPAIR", "activation matching + REPAIR")
-BN_CURVES = ("BN: weight matching", "BN: weight matching + RESET", "BN: activation matching",
-             "BN: activation matching + RESET")
+BN_CURVES = ("BN: weight matching", "BN: activation matching", "BN: weight matching + RESET",
+             "BN: activation matching + RESET")  # the order of the REPAIR panel, so colours match
 
 
 @torch.no_grad()
@@ -265,7 +265,7 @@ def claims(res: MergingResult) -> list[dict[str, Any]]:
         f"midpoint WM {w:.3f} → {rw_:.3f} with REPAIR, AM {a:.3f} → {ra_:.3f} (edges {edge_acc:.3f})")
     if res.bn_edge_metrics:
         bn_edge = float(np.mean([m["accuracy"] for m in res.bn_edge_metrics]))
-        bw, bwr = (res.midpoint(m)["accuracy"] for m in BN_CURVES[:2])
+        bw, bwr = (res.midpoint(m)["accuracy"] for m in (BN_CURVES[0], BN_CURVES[2]))
         add("For BatchNorm models, RESET is needed after merging", bwr > bw + 0.05,
             f"VGG-BN WM midpoint {bw:.3f} → {bwr:.3f} with RESET (edges {bn_edge:.3f})")
     rd, rw, ra = (float(np.mean(res.scale_ratio(m))) for m in METHODS)
