@@ -80,3 +80,25 @@ def test_interpolation_curve_ends_are_edges_and_barrier_definition():
     assert barrier([0, 0.5, 1], [0.9, 0.95, 0.7]) == pytest.approx(0.0)
     with pytest.raises(ValueError, match="include 0 and 1"):
         barrier([0.2, 0.5], [0.5, 0.5])
+
+
+def test_interpolation_curve_post_processes_each_fresh_merged_model():
+    data = tiny_data()
+    a, b = pair("mlp", depth=2, width=16)
+    seen = []
+
+    def after(merged, alpha):
+        seen.append((alpha, merged))
+        with torch.no_grad():  # modify in place: the edges must not change
+            for p in merged.parameters():
+                p.zero_()
+        return b if alpha == 0.5 else merged
+
+    before = [p.clone() for p in a.parameters()]
+    c = interpolation_curve(a, b, data, [0, 0.5, 1], progress=False, after=after)
+    assert [s[0] for s in seen] == [0, 0.5, 1] and len({id(s[1]) for s in seen}) == 3
+    assert all(m is not a and m is not b for _, m in seen)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+    assert c["accuracy"][1] == evaluate(b, data)["accuracy"]  # what `after` returns is what is evaluated
+    zero = evaluate(seen[0][1], data)["accuracy"]
+    assert c["accuracy"][0] == zero and c["accuracy"][2] == zero

@@ -1,7 +1,7 @@
 """Accuracy, loss, interpolation curves and the linear barrier (paper Fig. 6 caption)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,12 +31,17 @@ def evaluate(model: nn.Module, data: Any, batch_size: int = 1000) -> dict[str, f
 
 
 def interpolation_curve(model_a: nn.Module, model_b: nn.Module, data: Any, alphas: Sequence[float],
-                        progress: bool = True) -> dict[str, np.ndarray]:
-    """Accuracy and loss of θ_α = (1−α)θ_a + αθ_b for every α in ``alphas``."""
+                        progress: bool = True,
+                        after: Callable[[nn.Module, float], nn.Module] | None = None) -> dict[str, np.ndarray]:
+    """Accuracy and loss of θ_α = (1−α)θ_a + αθ_b for every α in ``alphas``.
+
+    ``after(merged, α)``, if given, post-processes each merged model before it is evaluated (e.g. REPAIR
+    or RESET); the merged model is a fresh copy, so ``after`` may modify it in place."""
     alphas = [check_alpha(a) for a in alphas]
     acc, loss = [], []
     for a in tqdm(alphas, desc="interpolate", disable=not progress, leave=False):
-        r = evaluate(interpolate(model_a, model_b, a), data)
+        merged = interpolate(model_a, model_b, a)
+        r = evaluate(merged if after is None else after(merged, a), data)
         acc.append(r["accuracy"])
         loss.append(r["loss"])
     return {"alpha": np.array(alphas), "accuracy": np.array(acc), "loss": np.array(loss)}

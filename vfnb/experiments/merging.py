@@ -132,25 +132,16 @@ def repaired_curve(model_a: nn.Module, partner: nn.Module, data: VisionData, cal
     pre-activation mean/std on ``calib`` is set to (1−α)·edge₀ + α·partner. The two references are
     measured once; each α costs one pass over ``calib``."""
     stats = [layer_stats(model_a, calib), layer_stats(partner, calib)]
-    acc, loss = [], []
-    for a in tqdm(alphas, desc="REPAIR along α", disable=not progress, leave=False):
-        merged = repair(interpolate(model_a, partner, a), data=calib, targets=weighted_stats(stats, [1 - a, a]))
-        r = evaluate(merged, data)
-        acc.append(r["accuracy"])
-        loss.append(r["loss"])
-    return {"alpha": np.array(alphas, float), "accuracy": np.array(acc), "loss": np.array(loss)}
+    return interpolation_curve(model_a, partner, data, alphas, progress=progress, after=lambda m, a: repair(
+        m, data=calib, targets=weighted_stats(stats, [1 - a, a]), inplace=True))
 
 
 def reset_curve(model_a: nn.Module, partner: nn.Module, data: VisionData, calib: VisionData,
                 alphas: list[float], progress: bool = True) -> dict[str, np.ndarray]:
     """Accuracy and loss along α of the interpolation of two BatchNorm models followed by RESET (appendix
     Alg. 1): every BatchNorm's running statistics are re-estimated on ``calib``."""
-    acc, loss = [], []
-    for a in tqdm(alphas, desc="RESET along α", disable=not progress, leave=False):
-        r = evaluate(reset_bn_stats(interpolate(model_a, partner, a), calib), data)
-        acc.append(r["accuracy"])
-        loss.append(r["loss"])
-    return {"alpha": np.array(alphas, float), "accuracy": np.array(acc), "loss": np.array(loss)}
+    return interpolation_curve(model_a, partner, data, alphas, progress=progress,
+                               after=lambda m, a: reset_bn_stats(m, calib, inplace=True))
 
 
 def _reset_curves(res: MergingResult, data: VisionData, mdata: VisionData, progress: bool) -> None:
