@@ -8,7 +8,8 @@ from torch import nn
 from vfnb.data import VisionData, load_dataset
 from vfnb.graph import (Permutation, apply_permutation, block_index, identity_permutation, permutation_spec,
                         random_permutation)
-from vfnb.matching import _Moments, activation_matching, weight_matching
+from vfnb.activations import CrossMoments
+from vfnb.matching import activation_matching, weight_matching
 from vfnb.merge import interpolate
 from vfnb.models import LayerNorm2d, build_model
 
@@ -88,7 +89,7 @@ def test_streaming_correlation_is_exact_and_never_nan():
     torch.manual_seed(0)
     x, y = torch.randn(5, 1000, dtype=torch.float64) * 3 + 7, torch.randn(5, 1000, dtype=torch.float64)
     x[2] = 4.0  # a zero-variance unit
-    m = _Moments(5, torch.device("cpu"))
+    m = CrossMoments(5, torch.device("cpu"))
     for i in range(0, 1000, 300):  # uneven batches
         m.add(x[:, i:i + 300].float().double(), y[:, i:i + 300].float().double())
     want = torch.corrcoef(torch.cat([x.float().double(), y.float().double()]))[:5, 5:]

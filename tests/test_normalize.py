@@ -11,8 +11,9 @@ from torch import nn
 
 from vfnb import build_model, interpolate
 from vfnb.data import VisionData
-from vfnb.normalize import (calibrate_bias, conv_linear_layers, layer_stats, remove_bias, repair, repair_layers,
-                            rescale, reset_bn_stats, target_stats, weighted_stats)
+from vfnb.merge import calibrate_bias
+from vfnb.normalize import layer_stats, remove_bias, repair, rescale, reset_bn_stats, target_stats, weighted_stats
+from vfnb.structure import conv_linear_layers, repair_layers
 
 MNIST = {"in_channels": 1, "input_size": 28}
 
@@ -325,7 +326,7 @@ def test_errors_name_the_problem():
 def test_n_samples_of_a_class_sorted_dataset_is_stratified():
     """mnist5k is stored sorted by class: a calibration subset must still see every class."""
     from vfnb.data import load_dataset
-    from vfnb.normalize import _inputs
+    from vfnb.activations import inputs as _inputs
     data = load_dataset("mnist5k", "train")
     sorted_data = data.subset(torch.argsort(data.labels, stable=True))
     x = _inputs(sorted_data, n_samples=50)

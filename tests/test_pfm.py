@@ -8,7 +8,8 @@ from vfnb.flops import count_cost, cost_ratio
 from vfnb.graph import UnsupportedOperationError, apply_permutation, permutation_spec, random_permutation
 from vfnb.merge import interpolate
 from vfnb.models import LayerNorm2d, build_model
-from vfnb.normalize import conv_linear_layers, layer_stats, repair_layers, target_stats
+from vfnb.normalize import layer_stats, target_stats
+from vfnb.structure import conv_linear_layers, repair_layers
 from vfnb.pfm import PartialZip, PreserveFirst, partial_zip, preserve_first
 
 KW = {

@@ -96,9 +96,10 @@ def test_one_to_one_zip_is_interpolation_of_the_permuted_model(key, data):
 
 
 def test_bias_calibration_and_repair_compose_with_zipit(data):
-    """Bias calibration of a one-to-one zip is vfnb.normalize.calibrate_bias of the permuted model; REPAIR
+    """Bias calibration of a one-to-one zip is vfnb.merge.calibrate_bias of the permuted model; REPAIR
     with the zip's targets gives the zipped model's channels exactly those statistics."""
-    from vfnb.normalize import calibrate_bias, layer_stats, repair
+    from vfnb.merge import calibrate_bias
+    from vfnb.normalize import layer_stats, repair
     a, b = live_model("vgg11", data, seed=0), live_model("vgg11", data, seed=1)
     z = zipit_matching(a, b, data, alpha=0.0, beta=0.0)
     ref = calibrate_bias(a, apply_permutation(b, z.as_permutation()), 0.3).state_dict()

@@ -1,9 +1,10 @@
 """vfnb: the executable edition of *Vanishing Feature: Diagnosing Model Merging and Beyond*.
 
-The public API is re-exported here; each name lives in one module (data flows left to right):
-config → data → models → train → zoo → graph → matching (weight, activation, ZipIt!, CCA) → merge
-(interpolation, preserve-first merging, partial zipping) → normalize (RESET, REPAIR, RESCALE, bias
-removal/calibration) → pruning → diagnose / evaluate / flops → plots → widgets → book.
+The public API is re-exported here; each name lives in one module (data flows one way; see
+ARCHITECTURE.md): validate · config → data → models → train → zoo → structure → activations → graph
+(permutations) → matching (weight, activation, ZipIt!, CCA) → merge (interpolation, bias calibration)
+→ normalize (RESET, REPAIR, RESCALE, bias removal, the Fix vocabulary) → pfm (preserve-first merging,
+partial zipping) → pruning → diagnose / evaluate / flops → plots → widgets → chapters → book.
 """
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from .data import VisionData, calibration_subset, load_dataset, train_val_split 
 from .models import build_model  # noqa: E402
 from .train import TrainConfig, recipe  # noqa: E402
 from .zoo import get_or_train  # noqa: E402
-from .merge import interpolate  # noqa: E402
+from .validate import check_alpha, check_finite, check_same_architecture  # noqa: E402
+from . import structure  # noqa: E402
+from .structure import Structure, conv_linear_layers, repair_layers, structure_of  # noqa: E402
+from .merge import calibrate_bias, interpolate  # noqa: E402
 from .evaluate import barrier, evaluate, interpolation_curve  # noqa: E402
 from .diagnose import FeatureBias, feature_bias, upper_bound, vf_ratio, weight_scale  # noqa: E402
 from .graph import (Permutation, PermutationSpec, UnsupportedOperationError, apply_permutation,  # noqa: E402
@@ -23,8 +27,8 @@ from .matching import activation_matching, weight_matching  # noqa: E402
 from .zipit import Zip, zipit_matching  # noqa: E402
 from .cca import LinearAlignment, cca_matching  # noqa: E402
 from . import normalize  # noqa: E402
-from .normalize import (calibrate_bias, conv_linear_layers, layer_stats, remove_bias, repair,  # noqa: E402
-                        repair_layers, rescale, reset_bn_stats, target_stats, weighted_stats)
+from .normalize import (Fix, layer_stats, permute_stats, remove_bias, repair, rescale, reset_bn_stats,  # noqa: E402
+                        target_stats, weighted_stats)
 from .pfm import PartialZip, PreserveFirst, partial_zip, preserve_first  # noqa: E402
 from .pruning import (apply_masks, prunable_layers, prune, prune_scores, pruning_targets, repair_pruned,  # noqa: E402
                       select_masks, weight_sparsity)
@@ -32,7 +36,8 @@ from .flops import count_cost  # noqa: E402
 from .diagnose import LogitStats, VFCurve, bn_stats, logit_stats, vf_curve  # noqa: E402
 
 __all__ = [
-    "Config", "ConfigError", "resolve", "VisionData", "load_dataset", "calibration_subset", "train_val_split",
+    "Config", "ConfigError", "resolve", "check_alpha", "check_finite", "check_same_architecture",
+    "structure", "Structure", "structure_of", "Fix", "permute_stats", "VisionData", "load_dataset", "calibration_subset", "train_val_split",
     "build_model", "TrainConfig", "recipe", "get_or_train", "interpolate", "evaluate", "interpolation_curve",
     "barrier", "FeatureBias", "feature_bias", "upper_bound", "vf_ratio", "weight_scale",
     "Permutation", "PermutationSpec", "UnsupportedOperationError", "permutation_spec", "random_permutation",

@@ -31,19 +31,18 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import chain, islice
+from itertools import chain
 
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from .graph import Entry, Permutation, PermutationSpec, UnsupportedOperationError, permutation_spec
-from .matching import _Float64Views, _hook, _inputs, _lockstep, active_groups
-from .merge import check_same_architecture
+from .activations import JointMoments, batches, collect_paired
+from .graph import Entry, Permutation, PermutationSpec, active_groups, permutation_spec
+from .structure import WEIGHT_TYPES
+from .validate import UnsupportedOperationError, check_finite, check_same_architecture
 
-__all__ = ["LinearAlignment", "cca_matching", "cca_transform", "fingerprint", "block_of"]
-
-WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+__all__ = ["LinearAlignment", "cca_matching", "cca_transform", "fingerprint", "block_of", "group_of_value"]
 
 
 def fingerprint(model: nn.Module) -> tuple[float, ...]:
@@ -173,34 +172,6 @@ def _matmul_axis(t: torch.Tensor, m: torch.Tensor, axis: int, block: int = 1) ->
     return out.reshape(shape).movedim(-1, axis)
 
 
-class _Covariance:
-    """Streaming float64 moments of stacked activations ``z = [x; y]`` (sums of z and z zᵀ)."""
-
-    def __init__(self, size: int, device: torch.device) -> None:
-        self.size, self.n = size, 0
-        self.s = torch.zeros(2 * size, dtype=torch.float64, device=device)
-        self.ss = torch.zeros(2 * size, 2 * size, dtype=torch.float64, device=device)
-
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """``x``, ``y``: float64 ``[size, samples]`` (model a's and model b's units)."""
-        z = torch.cat([x, y])
-        self.n += z.shape[1]
-        self.s += z.sum(1)
-        self.ss += z @ z.T
-
-    def merge(self, other: _Covariance) -> None:
-        self.n += other.n
-        self.s += other.s
-        self.ss += other.ss
-
-    def blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = max(self.n, 1)
-        m = self.s / n
-        cov = (self.ss / n - torch.outer(m, m)).cpu()
-        d = self.size
-        return cov[:d, :d], cov[:d, d:], cov[d:, d:]
-
-
 def _sym_power(s: torch.Tensor, power: float) -> torch.Tensor:
     """``s^power`` of a symmetric positive definite matrix via its eigendecomposition."""
     vals, vecs = torch.linalg.eigh((s + s.T) / 2)
@@ -259,48 +230,35 @@ def cca_matching(model_a: nn.Module, model_b: nn.Module, data, example_input: to
     accuracy (weakly varying directions amplified by ``Σ^{-1/2}``).
     """
     check_same_architecture(model_a, model_b)
+    check_finite(model_a, "model_a")
+    check_finite(model_b, "model_b")
     if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not 0 < reg < 1:
         raise ValueError(f"reg must be a number in (0, 1) (shrinkage of the covariances towards the identity), "
                          f"got {reg!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = next((p.device for p in model_a.parameters()), torch.device("cpu"))
-    batches = _inputs(data, batch_size, device)
-    first = next(batches, None)
+    stream = batches(data, batch_size, model_a)
+    first = next(stream, None)
     if first is None:
         raise ValueError("CCA matching needs at least one batch of data")
     spec = permutation_spec(model_a, first[:2] if example_input is None else example_input)
     active = active_groups(spec, layers)
     _check_linear_spec(spec, model_b, active)  # fail before the data pass
-    stats: dict[tuple[int, str], _Covariance] = {}
-    hooks: dict = {}
-    views = _Float64Views()
-    for gi in active:
-        g = spec.groups[gi]
-        for c in g.captures:
-            stats[(gi, c.node)] = m = _Covariance(g.size, device)
-            hooks[c.node] = _hook(m, c.axis, g.size, views, hooks.get(c.node))
-    modes = (model_a.training, model_b.training)
-    model_a.eval(), model_b.eval()
-    try:
-        for x in islice(chain([first], batches), max_batches):
-            _lockstep(spec.graph, (model_a, model_b), x, hooks)
-    finally:
-        model_a.train(modes[0]), model_b.train(modes[1])
+    stats = collect_paired(model_a, model_b, spec, active, chain([first], stream), JointMoments, max_batches)
     transforms = [torch.eye(g.size, dtype=torch.float64) for g in spec.groups]
     corrs = [torch.ones(g.size, dtype=torch.float64) for g in spec.groups]
     for gi in active:
         parts = [m for (h, _), m in stats.items() if h == gi]
         if not parts:
             continue
-        total = _Covariance(spec.groups[gi].size, device)
+        total = JointMoments(spec.groups[gi].size, parts[0].s.device)
         for m in parts:
             total.merge(m)
         transforms[gi], corrs[gi] = cca_transform(*total.blocks(), reg=reg)
     return LinearAlignment(spec, tuple(transforms), source=fingerprint(model_b), correlations=tuple(corrs))
 
 
-def _group_of_value(spec: PermutationSpec, node_name: str, model: nn.Module) -> int | None:
+def group_of_value(spec: PermutationSpec, node_name: str, model: nn.Module) -> int | None:
     """The unit group carried by the channels of fx node ``node_name`` of ``spec.graph``: the group of
     the input-feature axis of the first conv/linear layer that consumes it (directly or through
     element-wise ops, norms, pooling, reshapes, additions). ``None``: the value is never permuted."""

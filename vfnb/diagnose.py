@@ -14,30 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import device_of
-from .models.norm import LayerNorm2d
+from .activations import labelled_batches, to_model
+from .structure import BN_TYPES, WEIGHT_TYPES, execution_order
+from .validate import check_finite
 
-#: Modules whose outputs are "layers" for the diagnostics, in execution order.
-LAYER_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, LayerNorm2d)
-WEIGHT_TYPES = (nn.Conv2d, nn.Linear)
-
-
-@torch.no_grad()
-def layer_order(model: nn.Module, example: torch.Tensor, types: tuple[type, ...] = LAYER_TYPES) -> list[str]:
-    """Names of the modules of ``types`` in the order a forward pass executes them."""
-    order: list[str] = []
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=name: order.append(n))
-             for name, m in model.named_modules() if isinstance(m, types)]
-    was_training = model.training
-    try:
-        model.eval()(example[:1].to(device_of(model)))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    if not order:
-        raise ValueError(f"{type(model).__name__} has no conv, linear or norm layers to diagnose")
-    return list(dict.fromkeys(order))
+#: ``layer_order(model, example)``: the measured layers in execution order (:func:`vfnb.structure.execution_order`).
+layer_order = execution_order
 
 
 @torch.no_grad()
@@ -52,7 +34,7 @@ def layer_outputs(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> di
              for n in names]
     was_training = model.training
     try:
-        model.eval()(x)
+        model.eval()(to_model(x, model))
     finally:
         model.train(was_training)
         for h in hooks:
@@ -95,24 +77,32 @@ def feature_bias(model: nn.Module, data: Any, batch_size: int = 1000,
     """Feature–bias decomposition of every layer output over ``data`` (paper Eq. 4.1, Def. 5.1).
 
     ``data`` is a :class:`vfnb.data.VisionData` (anything with ``batches(batch_size, device=)``
-    and ``len``). Statistics accumulate in float64 in one pass.
+    and ``len``). Statistics accumulate in float64 in one pass. A model that holds an edge layer more
+    than once (a PFM model's stems: ``model.layer_aliases(names)``) reports each named layer as the
+    mean over its copies.
     """
+    check_finite(model)
     if len(data) < 2:
         raise ValueError("feature_bias needs at least 2 samples to estimate a variance")
-    device = device_of(model)
-    first = next(iter(data.batches(1, augment=False, device=device)))[0]
+    first = next(iter(labelled_batches(data, 1, model)))[0]
     names = list(names) if names is not None else layer_order(model, first)
-    zero = layer_outputs(model, torch.zeros_like(first), names)
-    h = {n: zero[n][0].reshape(-1).double() for n in names}
+    modules = dict(model.named_modules())
+    edge = [n for n in names if n not in modules]
+    aliases = {n: [n] for n in names}
+    if edge and hasattr(model, "layer_aliases"):  # edge-model layer names of a PFM model
+        aliases.update(model.layer_aliases(edge))
+    measured = list(dict.fromkeys(m for n in names for m in aliases[n]))
+    zero = layer_outputs(model, torch.zeros_like(first), measured)
+    h = {n: zero[n][0].reshape(-1).double() for n in measured}
     n_total = 0
-    g_sum = {n: 0.0 for n in names}
-    g_sq = {n: 0.0 for n in names}
-    f_sum = {n: torch.zeros_like(h[n]) for n in names}
-    f_sq = {n: torch.zeros_like(h[n]) for n in names}
-    for x, _ in data.batches(batch_size, augment=False, device=device):
-        outs = layer_outputs(model, x, names)
+    g_sum = {n: 0.0 for n in measured}
+    g_sq = {n: 0.0 for n in measured}
+    f_sum = {n: torch.zeros_like(h[n]) for n in measured}
+    f_sq = {n: torch.zeros_like(h[n]) for n in measured}
+    for x, _ in labelled_batches(data, batch_size, model):
+        outs = layer_outputs(model, x, measured)
         n_total += len(x)
-        for n in names:
+        for n in measured:
             f = outs[n].reshape(len(x), -1).double()
             d = f.shape[1]
             g = (f - h[n]).norm(dim=1) / d ** 0.5
@@ -120,14 +110,16 @@ def feature_bias(model: nn.Module, data: Any, batch_size: int = 1000,
             g_sq[n] += (g * g).sum().item()
             f_sum[n] += f.sum(0)
             f_sq[n] += (f * f).sum(0)
-    g_mean = np.array([g_sum[n] / n_total for n in names])
-    g_var = np.array([g_sq[n] / n_total for n in names]) - g_mean ** 2
-    var = []
-    for n in names:
-        mean = f_sum[n] / n_total
-        var.append(((f_sq[n] / n_total - mean ** 2).clamp_min(0) * n_total / (n_total - 1)).mean().item())
-    h_norm = np.array([(h[n].norm() / h[n].numel() ** 0.5).item() for n in names])
-    return FeatureBias(names, g_mean, np.sqrt(np.clip(g_var, 0, None)), h_norm, np.array(var))
+
+    def per_layer(value: dict[str, float]) -> np.ndarray:
+        return np.array([np.mean([value[m] for m in aliases[n]]) for n in names])
+
+    g_mean = {n: g_sum[n] / n_total for n in measured}
+    g_std = {n: float(np.sqrt(max(g_sq[n] / n_total - g_mean[n] ** 2, 0.0))) for n in measured}
+    var = {n: ((f_sq[n] / n_total - (f_sum[n] / n_total) ** 2).clamp_min(0) * n_total / (n_total - 1)).mean().item()
+           for n in measured}
+    h_norm = {n: (h[n].norm() / h[n].numel() ** 0.5).item() for n in measured}
+    return FeatureBias(names, per_layer(g_mean), per_layer(g_std), per_layer(h_norm), per_layer(var))
 
 
 def weight_scale(model: nn.Module) -> dict[str, np.ndarray | list[str]]:
@@ -227,22 +219,24 @@ def vf_curve(model: nn.Module, references: Sequence[nn.Module | FeatureBias], da
     unpruned model after pruning), and the smoothed non-increasing upper bound with smoothing ``gamma``.
 
     ``references`` may be models or precomputed :class:`FeatureBias` of the same layers (so edge models
-    are measured once for many merged models).
+    are measured once for many merged models). ``model`` may also be a
+    :class:`~vfnb.pfm.PreserveFirst` model: it is measured on the edge models' layers, a preserved layer
+    as the mean over its two stems (exactly the edge models', so its ratio is 1; appendix A.8.1).
     """
     if isinstance(references, (nn.Module, FeatureBias)):
         references = [references]
     references = list(references)
     if not references:
         raise ValueError("vf_curve needs at least one reference: the edge models, or the unpruned model")
+    bad = [type(r).__name__ for r in references if not isinstance(r, (nn.Module, FeatureBias))]
+    if bad:
+        raise TypeError(f"references must be models or FeatureBias objects, got {bad[0]}")
+    if names is None and hasattr(model, "layer_aliases"):  # measured on the edge models' layers
+        r0 = references[0]
+        names = r0.names if isinstance(r0, FeatureBias) else layer_order(r0, next(iter(labelled_batches(data, 1, r0)))[0])
     fb = feature_bias(model, data, batch_size=batch_size, names=names)
-    refs = []
-    for r in references:
-        if isinstance(r, FeatureBias):
-            refs.append(r)
-        elif isinstance(r, nn.Module):
-            refs.append(feature_bias(r, data, batch_size=batch_size, names=fb.names))
-        else:
-            raise TypeError(f"references must be models or FeatureBias objects, got {type(r).__name__}")
+    refs = [r if isinstance(r, FeatureBias) else feature_bias(r, data, batch_size=batch_size, names=fb.names)
+            for r in references]
     ratio = vf_ratio(fb, refs)
     return VFCurve(list(fb.names), fb.relative_depth, ratio, upper_bound(ratio, gamma))
 
@@ -266,15 +260,15 @@ class LogitStats:
 def logit_stats(model: nn.Module, data: Any, batch_size: int = 1000) -> LogitStats:
     """Per-class mean and std of the output logits over ``data`` and the logits f(0) of an all-zero input
     (paper Fig. 3A). ``data`` is a VisionData (or anything with ``batches`` and ``len``)."""
+    check_finite(model)
     if len(data) < 2:
         raise ValueError("logit_stats needs at least 2 samples")
-    device = device_of(model)
     was_training = model.training
     model.eval()
     try:
         s = sq = None
         n = 0
-        for x, _ in data.batches(batch_size, augment=False, device=device):
+        for x, _ in labelled_batches(data, batch_size, model):
             out = model(x)
             if out.dim() != 2:
                 raise ValueError(f"expected logits of shape [batch, classes], got {list(out.shape)}")
@@ -295,7 +289,7 @@ def bn_stats(model: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     (paper Fig. 3C: before vs after RESET)."""
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        if isinstance(m, BN_TYPES):
             if m.running_mean is None:
                 raise ValueError(f"BatchNorm {name!r} tracks no running statistics")
             out[name] = (m.running_mean.detach().cpu().numpy().copy(),

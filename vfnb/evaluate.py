@@ -9,24 +9,27 @@ from torch import nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .merge import check_alpha, interpolate
-from .models import device_of
+from .activations import labelled_batches
+from .merge import interpolate
+from .validate import check_alpha, check_finite
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Any, batch_size: int = 1000) -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy of ``model`` (in eval mode) on ``data``."""
+    check_finite(model)
     if len(data) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
     was_training = model.training
     model.eval()
-    device = device_of(model)
     correct, loss = 0, 0.0
-    for x, y in data.batches(batch_size, augment=False, device=device):
-        out = model(x)
-        loss += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
-    model.train(was_training)
+    try:
+        for x, y in labelled_batches(data, batch_size, model, need_labels=True):
+            out = model(x)
+            loss += F.cross_entropy(out, y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+    finally:
+        model.train(was_training)
     return {"accuracy": correct / len(data), "loss": loss / len(data)}
 
 

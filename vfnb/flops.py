@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models import device_of
+from .activations import to_model
 
 __all__ = ["count_cost", "cost_ratio"]
 
@@ -36,7 +36,7 @@ def count_cost(model: nn.Module, example_input: torch.Tensor) -> dict[str, float
     counter = FlopCounterMode(display=False)
     try:
         with counter:
-            model(example_input.to(device_of(model)))
+            model(to_model(example_input, model))
     finally:
         model.train(was_training)
     return {"params": float(params), "flops": counter.get_total_flops() / example_input.shape[0]}

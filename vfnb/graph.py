@@ -1,4 +1,4 @@
-"""Permutation structure of a network, derived from its ``torch.fx`` graph (DESIGN.md "Permutation").
+"""Permutation structure of a network, derived from its ``torch.fx`` graph (ARCHITECTURE.md "Permutations").
 
 Permuting a layer's output units together with the next layer's input axis leaves the function
 unchanged (paper §2). :func:`permutation_spec` finds every set of units that must share one
@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from .models.norm import LayerNorm2d
+from .activations import to_model
+from .structure import PERMUTABLE_NORM_TYPES, WEIGHT_TYPES, check_layer_count, layer_depths, trace
+from .validate import UnsupportedOperationError
 
 __all__ = ["UnsupportedOperationError", "Entry", "Capture", "Group", "PermutationSpec", "Permutation", "block_index",
+           "active_groups",
            "permutation_spec", "random_permutation", "identity_permutation", "apply_permutation", "permute_tensor"]
 
-
-class UnsupportedOperationError(ValueError):
-    """The model contains an operation whose effect on a permuted axis is not known."""
 
 
 class Entry(NamedTuple):
@@ -132,8 +132,8 @@ class PermutationSpec:
 # Op tables. Kinds: layer, norm, act (nonlinear, element-wise), same (linear element-wise / identity),
 # pool1|2|3, binary, reshape, permute, reduce, pad, fnorm (F.layer_norm), meta (returns no tensor).
 _MODULES: list[tuple[tuple[type, ...], str]] = [
-    ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear), "layer"),
-    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, LayerNorm2d), "norm"),
+    (WEIGHT_TYPES, "layer"),
+    (PERMUTABLE_NORM_TYPES, "norm"),
     ((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
       nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus), "act"),
     ((nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout), "same"),
@@ -177,11 +177,6 @@ class _V(NamedTuple):
     axis: int = -1
     block: int = 1
     key: str | None = None
-
-
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, LayerNorm2d) or super().is_leaf_module(m, qualname)
 
 
 def _type_name(model: nn.Module) -> str:
@@ -432,37 +427,10 @@ class _Analysis:
         return v if keep else v._replace(axis=v.axis - sum(d < v.axis for d in dims))
 
 
-def _depths(graph: fx.Graph, is_layer: set[fx.Node]) -> tuple[dict[fx.Node, int], set[fx.Node], int]:
-    """Longest-path layer counts: ``lp[n]`` layers from the input up to ``n``; layers on a longest
-    input→output path are the ones the paper counts (shortcut convs are not)."""
-    nodes = list(graph.nodes)
-    lp: dict[fx.Node, int] = {}
-    for n in nodes:
-        lp[n] = max((lp[i] for i in n.all_input_nodes), default=0) + (n in is_layer)
-    rp: dict[fx.Node, int] = {}
-    for n in reversed(nodes):
-        rp[n] = max((rp[u] for u in n.users), default=0) + (n in is_layer)
-    total = max((lp[n] for n in nodes if n.op == "output"), default=0)
-    main = {n for n in is_layer if lp[n] + rp[n] - 1 == total}
-    return lp, main, total
-
-
 class _ShapeProp(ShapeProp):
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
         return super().run_node(n)
-
-
-def _trace(model: nn.Module) -> fx.GraphModule:
-    tracer = _Tracer()
-    tracer.record_stack_traces = True
-    try:
-        graph = tracer.trace(model)
-    except Exception as err:  # noqa: BLE001 - any tracing failure becomes one clear error
-        raise UnsupportedOperationError(
-            f"torch.fx cannot trace {type(model).__name__}: {type(err).__name__}: {err}. Permutation structure "
-            "needs a forward without data-dependent control flow") from err
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
@@ -475,13 +443,11 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> Permutati
     training = model.training
     model.eval()
     try:
-        gm = _trace(model)
+        gm = trace(model, stack_traces=True, what="Permutation structure")
         x = example_input.detach()
         if x.dim() and x.shape[0] == 1:  # a batch of 2 keeps the batch axis apart from the others
             x = x.expand(2, *x.shape[1:])
-        param = next(model.parameters(), None)
-        if param is not None:
-            x = x.to(param.device)
+        x = to_model(x, model)
         prop = _ShapeProp(gm)
         try:
             with torch.no_grad():
@@ -500,9 +466,39 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> Permutati
     return _build_spec(model, gm, an)
 
 
+def _aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{key: first key}`` for state-dict entries that are the same tensor as an earlier entry (tied
+    weights). Tensors that only overlap in memory (views of one another) are refused."""
+    first: dict[tuple, str] = {}
+    spans: list[tuple[int, int, str]] = []
+    alias: dict[str, str] = {}
+    for k, v in state.items():
+        if v.numel() == 0:
+            continue
+        ident = (v.device, v.data_ptr(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        if ident in first:
+            alias[k] = first[ident]
+            continue
+        first[ident] = k
+        lo = v.data_ptr()
+        spans.append((lo, lo + v.numel() * v.element_size(), k))
+    overlaps = [(ka, kb) for i, (la, ha, ka) in enumerate(spans) for lb, hb, kb in spans[i + 1:] if la < hb and lb < ha]
+    if overlaps:
+        ka, kb = overlaps[0]
+        raise UnsupportedOperationError(f"state-dict tensors {ka!r} and {kb!r} share memory as different views (e.g. "
+                                        "one is a transpose or slice of the other); their units cannot be permuted "
+                                        "consistently. Untie them (clone one) before aligning")
+    return alias
+
+
 def _build_spec(model: nn.Module, gm: fx.GraphModule, an: _Analysis) -> PermutationSpec:
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    # a tensor axis belongs to exactly one group: merge groups that share one (shared modules)
+    state = model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    # tied weights (one Parameter held by two modules) are one tensor: its uses join their groups
+    alias = _aliases(state)
+    entries = [(g, e._replace(key=alias.get(e.key, e.key))) for g, e in an.entries]
+    an.entries = entries
+    # a tensor axis belongs to exactly one group: merge groups that share one (shared modules, tied weights)
     seen: dict[tuple[str, int], tuple[int, int]] = {}
     for g, e in an.entries:
         if (e.key, e.axis) in seen:
@@ -514,7 +510,7 @@ def _build_spec(model: nn.Module, gm: fx.GraphModule, an: _Analysis) -> Permutat
         else:
             seen[(e.key, e.axis)] = (g, e.block)
     layer_nodes = {n for _, n in an.producers}
-    lp, main, total = _depths(gm.graph, layer_nodes)
+    lp, main, total = layer_depths(gm.graph, layer_nodes)
     order = list(gm.graph.nodes)
     roots = sorted({an.find(g) for g, _ in an.producers} - {_FIXED},
                    key=lambda r: min(order.index(n) for g, n in an.producers if an.find(g) == r))
@@ -568,12 +564,29 @@ class Permutation:
         return (isinstance(other, Permutation) and len(self) == len(other)
                 and all(torch.equal(p, q) for p, q in zip(self.perms, other.perms)))
 
+    def restrict(self, layers: int) -> Permutation:
+        """This permutation on the groups of the first ``layers`` layers only; every deeper group keeps the
+        identity (paper Fig. 4 left, "permute only the first l layers"). A group's depth is the deepest
+        layer whose outputs it permutes. For activation matching this equals
+        ``activation_matching(..., layers=l)``: each group is solved on its own correlations."""
+        active = set(active_groups(self.spec, layers))
+        return Permutation(self.spec, tuple(p if g.index in active else torch.arange(g.size)
+                                            for g, p in zip(self.spec.groups, self.perms)))
+
     def inverse(self) -> Permutation:
         return Permutation(self.spec, tuple(torch.argsort(p) for p in self.perms))
 
     def __repr__(self) -> str:
         moved = sum(not torch.equal(p, torch.arange(len(p))) for p in self.perms)
         return f"Permutation({len(self)} groups, {moved} not identity, of {self.spec.model_type})"
+
+
+def active_groups(spec: PermutationSpec, layers: int | None) -> list[int]:
+    """Indices of the groups whose depth is at most ``layers`` (all groups for None)."""
+    if layers is None:
+        return [g.index for g in spec.groups]
+    layers = check_layer_count(layers, spec.num_layers)
+    return [g.index for g in spec.groups if g.depth <= layers]
 
 
 def identity_permutation(spec: PermutationSpec) -> Permutation:
@@ -611,6 +624,6 @@ def apply_permutation(model: nn.Module, perm: Permutation) -> nn.Module:
     perm.spec.check_model(model)
     new = copy.deepcopy(model)
     state = new.state_dict()
-    for key, entries in perm.spec.by_key().items():
+    for key, entries in perm.spec.by_key().items():  # a tied tensor has one key here, so it moves once
         state[key].copy_(permute_tensor(state[key], entries, perm))
     return new

@@ -1,5 +1,5 @@
 """Aligning two networks modulo permutation: weight matching and activation matching
-(paper §2 "model merging"; DESIGN.md "Permutation"; Ainsworth et al. 2023, Git Re-Basin).
+(paper §2 "model merging"; ARCHITECTURE.md "Permutations"; Ainsworth et al. 2023, Git Re-Basin).
 
 Both return the :class:`~vfnb.graph.Permutation` that, applied to ``model_b`` with
 :func:`~vfnb.graph.apply_permutation`, aligns it to ``model_a``. ``layers=l`` restricts matching to the
@@ -8,29 +8,19 @@ every other group keeps the identity (paper Fig. 4 left, "permute only the first
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from itertools import chain, islice
+from itertools import chain
 
 import numpy as np
 import torch
-import torch.fx as fx
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from .graph import Entry, Permutation, PermutationSpec, identity_permutation, permutation_spec, permute_tensor
-from .merge import check_finite, check_same_architecture
+from .activations import CrossMoments, batches, collect_paired
+from .graph import (Entry, Permutation, active_groups, identity_permutation, permutation_spec,
+                    permute_tensor)
+from .validate import check_finite, check_same_architecture
 
-__all__ = ["weight_matching", "activation_matching", "active_groups"]
-
-
-def active_groups(spec: PermutationSpec, layers: int | None) -> list[int]:
-    """Indices of the groups whose depth is at most ``layers`` (all groups for None)."""
-    if layers is None:
-        return [g.index for g in spec.groups]
-    if isinstance(layers, bool) or not isinstance(layers, (int, np.integer)) or not 0 <= layers <= spec.num_layers:
-        raise ValueError(f"layers must be an integer in [0, {spec.num_layers}] (this model has {spec.num_layers} "
-                         f"conv/linear layers), got {layers!r}")
-    return [g.index for g in spec.groups if g.depth <= layers]
+__all__ = ["weight_matching", "activation_matching"]
 
 
 def _unfold(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
@@ -141,76 +131,6 @@ def weight_matching(model_a: nn.Module, model_b: nn.Module, example_input: torch
     return Permutation(spec, tuple(perms))
 
 
-class _Moments:
-    """Exact streaming Pearson statistics in float64 (sums of x, y, x², y², xyᵀ over all samples)."""
-
-    def __init__(self, size: int, device: torch.device) -> None:
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
-        self.n, self.sx, self.sy, self.sxx, self.syy, self.sxy = 0, z(size), z(size), z(size), z(size), z(size, size)
-
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """``x``, ``y``: float64 ``[size, samples]``."""
-        self.n += x.shape[1]
-        self.sx += x.sum(1)
-        self.sy += y.sum(1)
-        self.sxx += torch.linalg.vector_norm(x, dim=1).square()
-        self.syy += torch.linalg.vector_norm(y, dim=1).square()
-        self.sxy += x @ y.T
-
-    def corr(self, eps: float = 1e-12) -> torch.Tensor:
-        n = max(self.n, 1)
-        mx, my = self.sx / n, self.sy / n
-        cov = self.sxy / n - torch.outer(mx, my)
-        sx = (self.sxx / n - mx * mx).clamp_min(0).add(eps).sqrt()
-        sy = (self.syy / n - my * my).clamp_min(0).add(eps).sqrt()
-        return (cov / torch.outer(sx, sy)).cpu()
-
-
-def _inputs(data, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
-    """Batches of inputs from a VisionData, a tensor, or an iterable of tensors / (x, y) pairs."""
-    if hasattr(data, "batches"):
-        return (x for x, _ in data.batches(batch_size, augment=False, device=device))
-    if isinstance(data, torch.Tensor):
-        return (data[i:i + batch_size].to(device) for i in range(0, len(data), batch_size))
-    if isinstance(data, Iterable):
-        return ((b[0] if isinstance(b, (tuple, list)) else b).to(device) for b in data)
-    raise TypeError(f"data must be a VisionData, a tensor or an iterable of batches, got {type(data).__name__}")
-
-
-def _lockstep(graph: fx.Graph, models: tuple[nn.Module, nn.Module], x: torch.Tensor, hooks: dict) -> None:
-    """Run both models node by node on ``x``; ``hooks[node_name](value_a, value_b)`` sees every
-    captured activation as soon as it is computed (before any later in-place op changes it)."""
-    nodes = list(graph.nodes)
-    nodes = nodes[:max(i for i, n in enumerate(nodes) if n.name in hooks) + 1] if hooks else []
-    last = {n: i for i, node in enumerate(nodes) for n in node.all_input_nodes}
-    envs: tuple[dict, dict] = ({}, {})
-    for i, node in enumerate(nodes):  # stops after the last captured node
-        for model, env in zip(models, envs):
-            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
-            if node.op == "placeholder":
-                env[node] = x
-            elif node.op == "get_attr":
-                env[node] = _attr(model, node.target)
-            elif node.op == "call_function":
-                env[node] = node.target(*args, **kwargs)
-            elif node.op == "call_method":
-                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
-            elif node.op == "call_module":
-                env[node] = model.get_submodule(node.target)(*args, **kwargs)
-        if node.name in hooks:
-            hooks[node.name](envs[0][node], envs[1][node])
-        for n in node.all_input_nodes:
-            if last.get(n) == i:
-                envs[0].pop(n, None), envs[1].pop(n, None)
-
-
-def _attr(model: nn.Module, target: str):
-    obj = model
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 @torch.no_grad()
 def activation_matching(model_a: nn.Module, model_b: nn.Module, data, example_input: torch.Tensor | None = None,
                         layers: int | None = None, batch_size: int = 500,
@@ -231,63 +151,16 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, data, example_in
     check_same_architecture(model_a, model_b)
     check_finite(model_a, "model_a")
     check_finite(model_b, "model_b")
-    device = next((p.device for p in model_a.parameters()), torch.device("cpu"))
-    if next((p.device for p in model_b.parameters()), device) != device:
-        raise ValueError("model_a and model_b must be on the same device for activation matching")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
-    batches = _inputs(data, batch_size, device)
-    first = next(batches, None)
+    stream = batches(data, batch_size, model_a)
+    first = next(stream, None)
     if first is None:
         raise ValueError("activation matching needs at least one batch of data")
     spec = permutation_spec(model_a, first[:2] if example_input is None else example_input)
     active = active_groups(spec, layers)
-    stats: dict[tuple[int, str], _Moments] = {}
-    hooks: dict = {}
-    views = _Float64Views()
-    for gi in active:
-        g = spec.groups[gi]
-        for c in g.captures:
-            stats[(gi, c.node)] = m = _Moments(g.size, device)
-            prev = hooks.get(c.node)
-            hooks[c.node] = _hook(m, c.axis, g.size, views, prev)
-    modes = (model_a.training, model_b.training)
-    model_a.eval(), model_b.eval()
-    try:
-        for x in islice(chain([first], batches), max_batches):
-            _lockstep(spec.graph, (model_a, model_b), x, hooks)
-    finally:
-        model_a.train(modes[0]), model_b.train(modes[1])
+    stats = collect_paired(model_a, model_b, spec, active, chain([first], stream), CrossMoments, max_batches)
     perms = list(identity_permutation(spec).perms)
     for gi in active:
         corrs = [m.corr() for (h, _), m in stats.items() if h == gi]
         if corrs:  # a group with no activation (dead code) keeps the identity
             perms[gi] = _solve(torch.stack(corrs).sum(0))
     return Permutation(spec, tuple(perms))
-
-
-class _Float64Views:
-    """Two reusable float64 buffers: an activation chunk is copied (and converted) into one in a
-    single pass, as ``[units, samples]``, without allocating fresh memory for every batch."""
-
-    def __init__(self) -> None:
-        self.flat = [torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)]
-
-    def __call__(self, i: int, t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
-        moved = t.movedim(axis, 0)
-        if self.flat[i].numel() < moved.numel() or self.flat[i].device != t.device:
-            self.flat[i] = torch.empty(moved.numel(), dtype=torch.float64, device=t.device)
-        return self.flat[i][:moved.numel()].view(moved.shape).copy_(moved).view(size, -1)
-
-
-def _hook(m: _Moments, axis: int, size: int, views: _Float64Views, prev=None, chunk: int = 1 << 22):
-    """Feed an activation pair to ``m`` as float64 ``[size, samples]``, in chunks of the batch axis."""
-    def hook(a: torch.Tensor, b: torch.Tensor) -> None:
-        if prev is not None:
-            prev(a, b)
-        step = max(1, chunk // max(1, a[:1].numel())) if axis else a.shape[0]
-        for i in range(0, a.shape[0], step):
-            m.add(views(0, a[i:i + step], axis, size), views(1, b[i:i + step], axis, size))
-    return hook

@@ -1,62 +1,70 @@
-"""Linear interpolation of two edge models (paper §3: θ_α = (1−α)·θ₀ + α·θ₁)."""
+"""Interpolation of two edge models (paper §3: θ_α = (1−α)·θ₀ + α·θ₁), with the paper's bias
+calibration (§5.3) as an option of the same function.
+
+This is the one place where two models' parameters are mixed: plain merging, bias calibration,
+Preserve-First Merging's tail and partial zipping's trunk all call :func:`interpolate`.
+"""
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
 
+from .structure import BN_TYPES, structure_of
+from .validate import check_alpha, check_finite, check_same_architecture
 
-def check_alpha(alpha: float) -> float:
-    """Return ``alpha`` as a float, or raise if it is not a number in [0, 1]."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}; α=0 gives model_a and α=1 gives model_b")
-    return float(alpha)
+__all__ = ["interpolate", "calibrate_bias", "bias_coefficients"]
 
 
-def check_finite(model: nn.Module, name: str = "model") -> None:
-    """Raise ``ValueError`` if a parameter or buffer of ``model`` holds NaN or infinity (a diverged
-    training run): matching or merging it would only spread the NaNs."""
-    for k, v in model.state_dict().items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise ValueError(f"{name} has non-finite values in {k!r}: its training diverged. Retrain it with a "
-                             "lower learning rate or gradient clipping (TrainConfig.grad_clip)")
-
-
-def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
-    """Raise ``ValueError`` naming the first difference if the two models cannot be merged."""
-    if type(model_a) is not type(model_b):
-        raise ValueError(f"cannot merge a {type(model_a).__name__} with a {type(model_b).__name__}: "
-                         "both edge models must have the same architecture")
-    sa, sb = model_a.state_dict(), model_b.state_dict()
-    missing, extra = sorted(set(sa) - set(sb)), sorted(set(sb) - set(sa))
-    if missing or extra:
-        raise ValueError(f"the models have different layers: only in model_a {missing[:5]}, "
-                         f"only in model_b {extra[:5]}; build both with the same arguments")
-    for k in sa:
-        if sa[k].shape != sb[k].shape:
-            raise ValueError(f"shape mismatch at {k!r}: {tuple(sa[k].shape)} vs {tuple(sb[k].shape)}; "
-                             "build both edge models with the same width and depth")
+def bias_coefficients(alpha: float, layer: int) -> tuple[float, float]:
+    """Bias calibration's weights ((1−α)^l, α^l) for the bias of the l-th merged layer (paper §5.3):
+    the scale of a product of l interpolated weight matrices."""
+    return (1 - alpha) ** layer, alpha ** layer
 
 
 @torch.no_grad()
-def interpolate(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Module:
-    """Return a new model with θ = (1−α)·θ_a + α·θ_b; the inputs are left untouched.
+def interpolate(model_a: nn.Module, model_b: nn.Module, alpha: float, *, bias_calibration: bool = False,
+                offset: int = 0) -> nn.Module:
+    """A new model with θ = (1−α)·θ_a + α·θ_b (paper §3); the inputs are left untouched.
 
     Floating-point buffers (BatchNorm running statistics) are interpolated too; integer buffers
-    (``num_batches_tracked``) are taken from ``model_a``. Re-estimate BatchNorm statistics with
-    RESET afterwards where needed.
+    (``num_batches_tracked``) are taken from ``model_a``. Re-estimate BatchNorm statistics with RESET
+    afterwards where needed.
+
+    ``bias_calibration=True`` is the paper's bias calibration (§5.3): weights stay linear in α, and the
+    bias of a conv/linear layer at depth ``d`` (:attr:`vfnb.structure.Structure.depth`, 1-based) becomes
+    (1−α)^j·b_a + α^j·b_b with ``j = d − offset``; layers at depth ``≤ offset`` keep the linear bias (PFM
+    calibrates from the first *merged* layer). BatchNorm models are refused: their running statistics
+    belong to the un-calibrated layers. ``model_b`` must already be aligned to ``model_a``.
     """
     alpha = check_alpha(alpha)
     check_same_architecture(model_a, model_b)
-    merged = copy.deepcopy(model_a)
-    sb = model_b.state_dict()
+    check_finite(model_a, "model_a")
+    check_finite(model_b, "model_b")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be an integer >= 0 (the number of preserved layers), got {offset!r}")
+    sa, sb = model_a.state_dict(), model_b.state_dict()
     state = {}
-    for k, va in model_a.state_dict().items():
+    for k, va in sa.items():
         vb = sb[k].to(va.device)
         state[k] = torch.lerp(va, vb.to(va.dtype), alpha) if va.is_floating_point() else va.clone()
+    if bias_calibration:
+        if any(isinstance(m, BN_TYPES) for m in model_a.modules()):
+            raise ValueError("bias calibration refuses models with BatchNorm: their running statistics belong to the "
+                             "un-calibrated layers, so after rescaling the biases they would be meaningless (and BN "
+                             "re-centres each channel anyway); use reset_bn_stats (RESET) for BatchNorm models")
+        for name, d in structure_of(model_a).depth.items():
+            key = f"{name}.bias"
+            if d > offset and key in state:
+                ca, cb = bias_coefficients(alpha, d - offset)
+                state[key] = ca * sa[key] + cb * sb[key].to(sa[key])
+    merged = copy.deepcopy(model_a)
     merged.load_state_dict(state)
     return merged.eval()
+
+
+def calibrate_bias(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Module:
+    """Bias calibration (paper §5.3): :func:`interpolate` with ``bias_calibration=True``, i.e. the bias of
+    layer l becomes (1−α)^l·b_a + α^l·b_b while every other parameter interpolates linearly."""
+    return interpolate(model_a, model_b, alpha, bias_calibration=True)

@@ -32,24 +32,25 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .cca import LinearAlignment, WEIGHT_TYPES, _group_of_value, block_of
-from .graph import Permutation, PermutationSpec, UnsupportedOperationError, _depths, apply_permutation, permutation_spec
-from .matching import _inputs as _batches
-from .merge import check_alpha, check_same_architecture
+from .activations import example_input as first_input
+from .cca import LinearAlignment, block_of, group_of_value
+from .graph import Permutation, PermutationSpec, apply_permutation, permutation_spec
+from .merge import interpolate
 from .models import device_of
-from .normalize import BN_TYPES, _inputs, repair, repair_layers, rescale, target_stats
+from .normalize import Fix, repair, rescale, reset_bn_stats, target_stats
+from .structure import BN_TYPES, Cut, check_layer_count, cut, repair_layers
+from .validate import UnsupportedOperationError, check_alpha, check_finite, check_same_architecture
 
 __all__ = ["preserve_first", "partial_zip", "PreserveFirst", "PartialZip", "ChannelMap", "NORMALIZATIONS"]
 
-#: What ``normalize=`` accepts.
-NORMALIZATIONS = (None, "repair", "rescale", "reset", "bias_calibration")
+#: The fixes ``normalize=`` accepts (:class:`vfnb.normalize.Fix`; None means ``Fix.NONE``).
+NORMALIZATIONS = (Fix.NONE, Fix.REPAIR, Fix.RESCALE, Fix.RESET, Fix.BIAS_CALIBRATION)
 
 Alignment = Union[Permutation, LinearAlignment, None]
 
@@ -87,13 +88,20 @@ class PreserveFirst(nn.Module):
 
     def __init__(self, stem_a: fx.GraphModule, stem_b: fx.GraphModule, tail: fx.GraphModule, alpha: float,
                  layers: int, num_layers: int, crossing: tuple[str, ...], stem_layers: tuple[str, ...],
-                 tail_layers: tuple[str, ...], normalize: str | None = None) -> None:
+                 tail_layers: tuple[str, ...], normalize: Fix | str | None = None) -> None:
         super().__init__()
         self.stems = nn.ModuleList([stem_a, stem_b])
         self.tail = tail
         self.alpha, self.layers, self.num_layers = float(alpha), int(layers), int(num_layers)
         self.crossing, self.stem_layers, self.tail_layers = crossing, stem_layers, tail_layers
-        self.normalize = normalize
+        self.normalize = Fix.parse(normalize, what="normalize")
+
+    def layer_aliases(self, names: list[str]) -> dict[str, list[str]]:
+        """Where each edge-model layer lives in this model: a preserved layer exists twice, once per stem
+        (``stems.0.<name>``, ``stems.1.<name>``); a merged one once, in the tail (``tail.<name>``).
+        :func:`vfnb.diagnose.feature_bias` averages over the copies (appendix A.8.1)."""
+        stem = {n for n, _ in self.stems[0].named_modules()}
+        return {n: [f"stems.0.{n}", f"stems.1.{n}"] if n in stem else [f"tail.{n}"] for n in names}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         za, zb = self.stems[0](x), self.stems[1](x)
@@ -112,13 +120,13 @@ class PartialZip(nn.Module):
 
     def __init__(self, trunk: fx.GraphModule, head_a: fx.GraphModule, head_b: fx.GraphModule, alpha: float,
                  layers: int, num_layers: int, crossing: tuple[str, ...], trunk_layers: tuple[str, ...],
-                 head_layers: tuple[str, ...], normalize: str | None = None) -> None:
+                 head_layers: tuple[str, ...], normalize: Fix | str | None = None) -> None:
         super().__init__()
         self.trunk = trunk
         self.heads = nn.ModuleList([head_a, head_b])
         self.alpha, self.layers, self.num_layers = float(alpha), int(layers), int(num_layers)
         self.crossing, self.trunk_layers, self.head_layers = crossing, trunk_layers, head_layers
-        self.normalize = normalize
+        self.normalize = Fix.parse(normalize, what="normalize")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.trunk(x)
@@ -129,75 +137,6 @@ class PartialZip(nn.Module):
                 f"normalize={self.normalize}, heads read: {', '.join(self.crossing)}")
 
 
-# ---------------------------------------------------------------------------------------------------
-# the cut
-@dataclass(frozen=True)
-class _Cut:
-    front: fx.Graph
-    back: fx.Graph
-    crossing: tuple[str, ...]           # fx names of the values the back part reads from the front part
-    front_layers: tuple[str, ...]       # conv/linear module names, graph order
-    back_layers: tuple[str, ...]
-    depth: dict[str, int]               # conv/linear module -> longest-path depth (1-based)
-
-
-def _keeps(node: fx.Node) -> bool:
-    """Dead-code elimination keeps the inputs and the output; every module call here is pure."""
-    return node.op in ("placeholder", "output")
-
-
-def _cut(spec: PermutationSpec, model: nn.Module, depth: int) -> _Cut:
-    """Split ``spec.graph`` after layer ``depth`` (see the module docstring)."""
-    graph = spec.graph
-    nodes = list(graph.nodes)
-    if sum(n.op == "placeholder" for n in nodes) != 1:
-        raise UnsupportedOperationError("PFM and partial zipping need a model with exactly one input")
-    modules = dict(model.named_modules())
-    layer_nodes = [n for n in nodes if n.op == "call_module" and isinstance(modules.get(str(n.target)), WEIGHT_TYPES)]
-    names = [str(n.target) for n in layer_nodes]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise UnsupportedOperationError(f"layer(s) {twice} run more than once per forward pass; a cut between their "
-                                        "calls would duplicate shared weights")
-    is_layer = set(layer_nodes)
-    lp, _, _ = _depths(graph, is_layer)
-    dep: set[fx.Node] = set()   # nodes computed from the input
-    back: set[fx.Node] = set()
-    for n in nodes:
-        if n.op == "placeholder" or any(i in dep for i in n.all_input_nodes):
-            dep.add(n)
-        if (n in is_layer and lp[n] > depth) or n.op == "output" \
-                or (n in dep and any(i in back for i in n.all_input_nodes)):
-            back.add(n)
-    crossing = [n for n in nodes if n not in back and n in dep and any(u in back for u in n.users)]
-
-    front = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for n in nodes:
-        if n not in back:
-            env[n] = front.node_copy(n, lambda m: env[m])
-    front.output(tuple(env[c] for c in crossing))
-    front.eliminate_dead_code(is_impure_node=_keeps)
-
-    rear = fx.Graph()
-    renv: dict[fx.Node, fx.Node] = {c: rear.placeholder(c.name) for c in crossing}
-
-    def get(m: fx.Node) -> fx.Node:  # constants the back part needs are copied, never averaged
-        if m not in renv:
-            renv[m] = rear.node_copy(m, get)
-        return renv[m]
-
-    for n in nodes:
-        if n in back:
-            renv[n] = rear.node_copy(n, get)
-    rear.eliminate_dead_code(is_impure_node=_keeps)
-    in_front = {str(n.target) for n in front.nodes if n.op == "call_module"}
-    in_back = {str(n.target) for n in rear.nodes if n.op == "call_module"}
-    depth_of = {str(n.target): lp[n] for n in layer_nodes}
-    return _Cut(front, rear, tuple(c.name for c in crossing), tuple(n for n in names if n in in_front),
-                tuple(n for n in names if n in in_back), depth_of)
-
-
 def _module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
     gm = fx.GraphModule(root, graph, class_name=name)
     gm.eval()
@@ -206,32 +145,14 @@ def _module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
 
 # ---------------------------------------------------------------------------------------------------
 # shared checks and steps
-def _check_layers(layers: Any, total: int, what: str) -> int:
-    if isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= total:
-        raise ValueError(f"{what} must be an integer in [0, {total}] (this model has {total} conv/linear layers as "
-                         f"the paper counts them), got {layers!r}")
-    return layers
-
-
-def _example(data: Any, example_input: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    if example_input is not None:
-        if not isinstance(example_input, torch.Tensor):
-            raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
-        return example_input[:1]
-    if data is None:
-        raise ValueError("direct merging (perm=None) needs data= or example_input= to trace the model")
-    first = next(_batches(data, 2, device), None)
-    if first is None:
-        raise ValueError("data is empty")
-    return first[:1]
-
-
 def _resolve(model_a: nn.Module, model_b: nn.Module, perm: Alignment, data: Any,
              example_input: torch.Tensor | None) -> tuple[PermutationSpec, nn.Module]:
     """The spec to cut along, and model b in model a's basis (the partner to interpolate with)."""
     check_same_architecture(model_a, model_b)
+    check_finite(model_a, "model_a")
+    check_finite(model_b, "model_b")
     if perm is None:
-        spec = permutation_spec(model_a, _example(data, example_input, device_of(model_a)))
+        spec = permutation_spec(model_a, first_input(data, example_input, model_a))
         return spec, model_b
     if isinstance(perm, Permutation):
         for m, which in ((model_a, "model_a"), (model_b, "model_b")):
@@ -250,67 +171,29 @@ def _resolve(model_a: nn.Module, model_b: nn.Module, perm: Alignment, data: Any,
                     f"(cca_matching) or None (direct merging), got {type(perm).__name__}")
 
 
-def _check_normalize(normalize: Any, data: Any, model_a: nn.Module) -> None:
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalize={normalize!r}; choose one of {', '.join(map(repr, NORMALIZATIONS))}")
-    if normalize in ("repair", "rescale", "reset") and data is None:
-        raise ValueError(f"normalize={normalize!r} needs data= (calibration images for the channel statistics)")
+def _check_normalize(normalize: Fix | str | None, data: Any, model_a: nn.Module) -> Fix:
+    fix = Fix.parse(normalize, NORMALIZATIONS, "normalize")
+    if fix.needs_data and data is None:
+        raise ValueError(f"normalize={fix.value!r} needs data= (calibration images for the channel statistics)")
     has_bn = any(isinstance(m, BN_TYPES) for m in model_a.modules())
-    if normalize == "reset" and not has_bn:
+    if fix is Fix.RESET and not has_bn:
         raise ValueError("normalize='reset' re-estimates BatchNorm statistics, but the model has no BatchNorm; "
                          "use 'repair' or 'rescale'")
-    if normalize == "bias_calibration" and has_bn:
+    if fix is Fix.BIAS_CALIBRATION and has_bn:
         raise ValueError("normalize='bias_calibration' refuses BatchNorm models (BN re-centres every channel, so "
                          "its running statistics would no longer fit the calibrated biases); use 'reset'")
+    return fix
 
 
-@torch.no_grad()
-def _merge(model_a: nn.Module, partner: nn.Module, alpha: float, calibrate: bool, depth: dict[str, int],
-           offset: int) -> nn.Module:
-    """(1−α)·θ_a + α·θ_b; with ``calibrate``, the bias of a layer at depth ``d > offset`` becomes
-    (1−α)^(d−offset)·b_a + α^(d−offset)·b_b (bias calibration counted from the first merged layer)."""
-    merged = copy.deepcopy(model_a)
-    sa, sb = model_a.state_dict(), partner.state_dict()
-    state = {k: torch.lerp(v, sb[k].to(v), alpha) if v.is_floating_point() else v.clone() for k, v in sa.items()}
-    if calibrate:
-        for name, d in depth.items():
-            key = f"{name}.bias"
-            if d > offset and key in state:
-                j = d - offset
-                state[key] = (1 - alpha) ** j * sa[key] + alpha ** j * sb[key].to(sa[key])
-    merged.load_state_dict(state)
-    return merged.eval()
-
-
-@torch.no_grad()
-def _reset_part(model: nn.Module, part: nn.Module, data: Any, n_samples: int | None) -> None:
-    """RESET restricted to the BatchNorms of ``part`` (a submodule of ``model``): their statistics are
-    re-estimated (cumulative average, no gradients) on ``model``'s forward passes over ``data``."""
-    bns = [m for m in part.modules() if isinstance(m, BN_TYPES)]
-    if not bns:
-        return  # nothing merged carries BatchNorm (e.g. every layer preserved)
-    x = _inputs(data, n_samples)
-    momenta = [m.momentum for m in bns]
-    model.eval()
-    try:
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        model(x.to(device_of(model)))
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        model.eval()
-
-
-def _normalize_part(model: nn.Module, prefix: str, part_layers: tuple[str, ...], normalize: str | None,
+def _normalize_part(model: nn.Module, prefix: str, part_layers: tuple[str, ...], normalize: Fix,
                     model_a: nn.Module, partner: nn.Module, alpha: float, data: Any,
                     targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None,
                     n_samples: int | None) -> nn.Module:
-    if normalize == "reset":
-        _reset_part(model, model.get_submodule(prefix), data, n_samples)
-    elif normalize in ("repair", "rescale"):
+    """The fix acts on the merged part ``prefix`` only, with the aligned edge models' statistics of the
+    same layers as Eq. 2's reference."""
+    if normalize is Fix.RESET:
+        reset_bn_stats(model, data, n_samples=n_samples, inplace=True, part=prefix)
+    elif normalize in (Fix.REPAIR, Fix.RESCALE):
         layers = [n for n in repair_layers(model_a) if n in part_layers]
         if not layers:
             return model  # no merged hidden layer left to normalize
@@ -321,7 +204,7 @@ def _normalize_part(model: nn.Module, prefix: str, part_layers: tuple[str, ...],
             raise ValueError(f"targets lack layer(s) {missing}; compute them with target_stats over "
                              "repair_layers(model_a)")
         named = {f"{prefix}.{n}": targets[n] for n in layers}
-        fn = repair if normalize == "repair" else rescale
+        fn = repair if normalize is Fix.REPAIR else rescale
         model = fn(model, data=data, layers=list(named), targets=named, n_samples=n_samples, inplace=True)
     return model
 
@@ -329,7 +212,7 @@ def _normalize_part(model: nn.Module, prefix: str, part_layers: tuple[str, ...],
 # ---------------------------------------------------------------------------------------------------
 # public
 def preserve_first(model_a: nn.Module, model_b: nn.Module, perm: Alignment, layers: int, alpha: float = 0.5,
-                   normalize: str | None = None, data: Any = None, *,
+                   normalize: Fix | str | None = None, data: Any = None, *,
                    targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                    n_samples: int | None = None, example_input: torch.Tensor | None = None) -> PreserveFirst:
     """Preserve-First Merging PFM_{l/L} (paper §5.4, Fig. 4 right, Table 1) with ``l = layers``.
@@ -347,23 +230,22 @@ def preserve_first(model_a: nn.Module, model_b: nn.Module, perm: Alignment, laye
     """
     alpha = check_alpha(alpha)
     spec, partner = _resolve(model_a, model_b, perm, data, example_input)
-    l = _check_layers(layers, spec.num_layers, "layers (the number of preserved layers l)")
-    _check_normalize(normalize, data, model_a)
-    cut = _cut(spec, model_a, l)
-    merged = _merge(model_a, partner, alpha, normalize == "bias_calibration", cut.depth, offset=l)
-    stem_a = _module(copy.deepcopy(model_a), cut.front, "Stem")
+    l = check_layer_count(layers, spec.num_layers, "layers (the number of preserved layers l)")
+    fix = _check_normalize(normalize, data, model_a)
+    c = cut(model_a, spec.graph, l)
+    merged = interpolate(model_a, partner, alpha, bias_calibration=fix is Fix.BIAS_CALIBRATION, offset=l)
+    stem_a = _module(copy.deepcopy(model_a), c.front, "Stem")
     if isinstance(perm, LinearAlignment):
-        stem_b = _mapped_stem(model_b, cut, perm)
+        stem_b = _mapped_stem(model_b, c, perm)
     else:
-        stem_b = _module(copy.deepcopy(partner), cut.front, "Stem")
-    tail = _module(merged, cut.back, "Tail")
-    model = PreserveFirst(stem_a, stem_b, tail, alpha, l, spec.num_layers, cut.crossing, cut.front_layers,
-                          cut.back_layers, normalize).to(device_of(model_a)).eval()
-    return _normalize_part(model, "tail", cut.back_layers, normalize, model_a, partner, alpha, data, targets,
-                           n_samples)
+        stem_b = _module(copy.deepcopy(partner), c.front, "Stem")
+    tail = _module(merged, c.back, "Tail")
+    model = PreserveFirst(stem_a, stem_b, tail, alpha, l, spec.num_layers, c.crossing, c.front_layers,
+                          c.back_layers, fix).to(device_of(model_a)).eval()
+    return _normalize_part(model, "tail", c.back_layers, fix, model_a, partner, alpha, data, targets, n_samples)
 
 
-def _mapped_stem(model_b: nn.Module, cut: _Cut, alignment: LinearAlignment) -> fx.GraphModule:
+def _mapped_stem(model_b: nn.Module, cut: Cut, alignment: LinearAlignment) -> fx.GraphModule:
     """Model b's own front part, then ``T`` on every crossing value that carries a unit group."""
     graph = fx.Graph()
     out = graph.graph_copy(cut.front, {})
@@ -372,7 +254,7 @@ def _mapped_stem(model_b: nn.Module, cut: _Cut, alignment: LinearAlignment) -> f
     maps = nn.ModuleList()
     meta = {n.name: n.meta.get("tensor_meta") for n in alignment.spec.graph.nodes}
     for i, name in enumerate(cut.crossing):
-        g = _group_of_value(alignment.spec, name, model_b)
+        g = group_of_value(alignment.spec, name, model_b)
         if g is None:
             continue
         shape = tuple(meta[name].shape) if meta.get(name) is not None else None
@@ -387,7 +269,7 @@ def _mapped_stem(model_b: nn.Module, cut: _Cut, alignment: LinearAlignment) -> f
 
 
 def partial_zip(model_a: nn.Module, model_b: nn.Module, perm: Alignment, layers: int, alpha: float = 0.5,
-                normalize: str | None = None, data: Any = None, *,
+                normalize: Fix | str | None = None, data: Any = None, *,
                 targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                 n_samples: int | None = None, example_input: torch.Tensor | None = None) -> PartialZip:
     """Partial zipping (ZipIt!, Stoica et al. 2024; paper appendix A.8.2): the *last* ``k = layers``
@@ -400,14 +282,13 @@ def partial_zip(model_a: nn.Module, model_b: nn.Module, perm: Alignment, layers:
     """
     alpha = check_alpha(alpha)
     spec, partner = _resolve(model_a, model_b, perm, data, example_input)
-    k = _check_layers(layers, spec.num_layers, "layers (the number of unmerged last layers k)")
-    _check_normalize(normalize, data, model_a)
-    cut = _cut(spec, model_a, spec.num_layers - k)
-    merged = _merge(model_a, partner, alpha, normalize == "bias_calibration", cut.depth, offset=0)
-    trunk = _module(merged, cut.front, "Trunk")
-    head_a = _module(copy.deepcopy(model_a), cut.back, "Head")
-    head_b = _module(copy.deepcopy(partner), cut.back, "Head")
-    model = PartialZip(trunk, head_a, head_b, alpha, k, spec.num_layers, cut.crossing, cut.front_layers,
-                       cut.back_layers, normalize).to(device_of(model_a)).eval()
-    return _normalize_part(model, "trunk", cut.front_layers, normalize, model_a, partner, alpha, data, targets,
-                           n_samples)
+    k = check_layer_count(layers, spec.num_layers, "layers (the number of unmerged last layers k)")
+    fix = _check_normalize(normalize, data, model_a)
+    c = cut(model_a, spec.graph, spec.num_layers - k)
+    merged = interpolate(model_a, partner, alpha, bias_calibration=fix is Fix.BIAS_CALIBRATION)
+    trunk = _module(merged, c.front, "Trunk")
+    head_a = _module(copy.deepcopy(model_a), c.back, "Head")
+    head_b = _module(copy.deepcopy(partner), c.back, "Head")
+    model = PartialZip(trunk, head_a, head_b, alpha, k, spec.num_layers, c.crossing, c.front_layers,
+                       c.back_layers, fix).to(device_of(model_a)).eval()
+    return _normalize_part(model, "trunk", c.front_layers, fix, model_a, partner, alpha, data, targets, n_samples)

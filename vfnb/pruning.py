@@ -5,7 +5,7 @@ returns the pruned copy with its masks; :func:`repair_pruned` then applies REPAI
 RESET with the unpruned model as the only reference (Eq. 2 with weight 1), which counters the
 vanishing feature that pruning causes (paper Fig. 5).
 
-What is pruned: the ``weight`` of every ``nn.Conv2d`` and ``nn.Linear`` (optionally without the
+What is pruned: the ``weight`` of every conv and linear layer (optionally without the
 first one and/or the classifier). Biases and normalization parameters are never pruned.
 
 Importance scores (a weight with a smaller score is pruned first):
@@ -50,19 +50,25 @@ from torch import nn
 import torch.nn.functional as F
 
 from . import normalize
+from .activations import labelled_batches
 from .data import VisionData, calibration_subset
-from .merge import check_same_architecture
-from .models import device_of
+from .normalize import Fix
+from .structure import BN_TYPES, WEIGHT_TYPES
+from .validate import UnsupportedOperationError, check_finite, check_same_architecture
 
 __all__ = ["PRUNE_METHODS", "SCOPES", "REPAIR_METHODS", "DEFAULT_SCOPE", "prunable_layers", "prune_scores",
            "select_masks", "apply_masks", "weight_sparsity", "prune", "pruning_targets", "repair_pruned"]
 
 PRUNE_METHODS = ("magnitude", "wanda", "fisher")
 SCOPES = ("global", "layerwise", "row")
-REPAIR_METHODS = ("repair", "rescale", "reset")
+#: The post-pruning fixes :func:`repair_pruned` accepts.
+REPAIR_METHODS = (Fix.REPAIR, Fix.RESCALE, Fix.RESET)
 #: The scope each method uses when none is given.
 DEFAULT_SCOPE = {"magnitude": "global", "wanda": "row", "fisher": "global"}
-PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
+#: Layers whose weights are pruned: every conv/linear layer (:data:`vfnb.structure.WEIGHT_TYPES`).
+PRUNABLE_TYPES = WEIGHT_TYPES
+#: Layers whose data-dependent scores (Wanda's input norms, Fisher's per-sample gradients) are implemented.
+_SCORED_TYPES = (nn.Conv2d, nn.Linear)
 
 
 # --------------------------------------------------------------------------- checks
@@ -111,7 +117,7 @@ def prunable_layers(model: nn.Module, exclude_first: bool = False, exclude_class
     """
     names = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
     if not names:
-        raise ValueError(f"{type(model).__name__} has no nn.Conv2d or nn.Linear layers to prune")
+        raise ValueError(f"{type(model).__name__} has no conv or linear layers to prune")
     chosen = names[1 if exclude_first else 0: len(names) - (1 if exclude_classifier else 0)]
     if not chosen:
         raise ValueError(f"{type(model).__name__} has {len(names)} conv/linear layer(s); excluding the first "
@@ -133,7 +139,7 @@ def _resolve_layers(model: nn.Module, layers: Sequence[str] | None, exclude_firs
         if name not in modules:
             raise ValueError(f"model has no module {name!r}; prunable ones: {prunable_layers(model)}")
         if not isinstance(modules[name], PRUNABLE_TYPES):
-            raise ValueError(f"module {name!r} is a {type(modules[name]).__name__}; only nn.Conv2d and nn.Linear "
+            raise ValueError(f"module {name!r} is a {type(modules[name]).__name__}; only conv and linear "
                              "weights are pruned (biases and norm parameters never are)")
     if exclude_first or exclude_classifier:
         raise ValueError("pass either an explicit layers list or exclude_first/exclude_classifier, not both")
@@ -141,54 +147,6 @@ def _resolve_layers(model: nn.Module, layers: Sequence[str] | None, exclude_firs
 
 
 # --------------------------------------------------------------------------- data
-
-def _batches(data: Any, n_samples: int | None, batch_size: int, device: torch.device, seed: int,
-             need_labels: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Up to ``n_samples`` samples of ``data`` as (x, y-or-None) batches on ``device``.
-
-    A :class:`VisionData` larger than ``n_samples`` is reduced to a class-stratified random subset
-    (:func:`vfnb.data.calibration_subset` with ``seed``): the embedded MNIST is sorted by class, so
-    its first images would all be the digit 0. Tensors and iterables of ``x`` / ``(x, y)`` batches are
-    taken in order.
-    """
-    if data is None:
-        raise ValueError("no calibration data given")
-    if isinstance(data, VisionData):
-        if n_samples is not None and n_samples < len(data):
-            data = calibration_subset(data, n_samples, seed=seed)
-        for x, y in data.batches(batch_size, augment=False, device=device):
-            yield x, y
-        return
-    if isinstance(data, torch.Tensor):
-        if need_labels:
-            raise ValueError("Fisher pruning needs labels: pass a VisionData or an iterable of (x, y) batches, "
-                             "not a tensor of inputs only")
-        x = data if n_samples is None else data[:n_samples]
-        for start in range(0, len(x), batch_size):
-            yield x[start:start + batch_size].to(device), None
-        return
-    if not isinstance(data, Iterable):
-        raise TypeError(f"data must be a VisionData, a tensor of inputs or an iterable of x / (x, y) batches, "
-                        f"got {type(data).__name__}")
-    seen = 0
-    for batch in data:
-        if isinstance(batch, (tuple, list)):
-            x, y = batch[0], (batch[1] if len(batch) > 1 else None)
-        else:
-            x, y = batch, None
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"a data batch must be a tensor or an (x, y) pair of tensors, got {type(x).__name__}")
-        if need_labels and y is None:
-            raise ValueError("Fisher pruning needs labels: the data batches must be (x, y) pairs")
-        if n_samples is not None:
-            x = x[: n_samples - seen]
-            y = None if y is None else y[: len(x)]
-        seen += len(x)
-        if len(x):
-            yield x.to(device), (None if y is None else torch.as_tensor(y).to(device))
-        if n_samples is not None and seen >= n_samples:
-            return
-
 
 # --------------------------------------------------------------------------- scores
 
@@ -354,6 +312,7 @@ def prune_scores(model: nn.Module, method: str = "magnitude", data: Any = None, 
     """
     method = _check_method(method)
     n_samples = _check_n_samples(n_samples)
+    check_finite(model)
     layers = _resolve_layers(model, layers, False, False)
     modules = dict(model.named_modules())
     if method == "magnitude":
@@ -362,7 +321,12 @@ def prune_scores(model: nn.Module, method: str = "magnitude", data: Any = None, 
         raise ValueError(f"{method} pruning needs calibration data: pass data=... (a VisionData, a tensor of inputs"
                          f"{'' if method == 'wanda' else ' with labels'} or an iterable of batches); "
                          "magnitude pruning needs none")
-    batches = _batches(data, n_samples, batch_size, device_of(model), seed, need_labels=method == "fisher")
+    other = [n for n in layers if not isinstance(modules[n], _SCORED_TYPES)]
+    if other:
+        raise UnsupportedOperationError(f"{method} pruning is implemented for nn.Conv2d and nn.Linear; {other[0]!r} is "
+                                        f"a {type(modules[other[0]]).__name__}. Use method='magnitude' or exclude it "
+                                        "with layers=...")
+    batches = labelled_batches(data, batch_size, model, n_samples, seed, need_labels=method == "fisher")
     if method == "wanda":
         return _wanda_scores(model, layers, batches)
     return _fisher_scores(model, layers, batches)
@@ -464,10 +428,11 @@ def prune(model: nn.Module, sparsity: float, method: str = "magnitude", data: An
     method = _check_method(method)
     sparsity = _check_sparsity(sparsity)
     scope = _check_scope(scope, method)
+    check_finite(model)
     n_samples = _check_n_samples(n_samples)
     if method != "magnitude" and data is None:
         raise ValueError(f"{method} pruning needs calibration data: pass data=... (for example "
-                         "vfnb.experiments.common.match_data(cfg)); magnitude pruning needs none")
+                         "vfnb.calibration_subset(train, 256)); magnitude pruning needs none")
     layers = _resolve_layers(model, layers, exclude_first, exclude_classifier)
     scores = prune_scores(model, method, data, layers=layers, n_samples=n_samples, batch_size=batch_size, seed=seed)
     masks = select_masks(scores, sparsity, scope)
@@ -519,21 +484,22 @@ def repair_pruned(pruned: nn.Module, original: nn.Module, data: Any, method: str
     :func:`pruning_targets`) skips measuring the original again; ``batch_size`` streams large
     calibration sets through :mod:`vfnb.normalize` (None: one pass).
     """
-    if method not in REPAIR_METHODS:
-        raise ValueError(f"unknown post-pruning normalization {method!r}; choose one of {', '.join(REPAIR_METHODS)}")
+    method = Fix.parse(method, REPAIR_METHODS, "post-pruning normalization")
     try:
         check_same_architecture(original, pruned)
     except ValueError as err:
         raise ValueError(f"the pruned model must be a pruned copy of the original: {err}") from None
+    check_finite(pruned, "pruned")
+    check_finite(original, "original")
     data, n_samples = _calibration(data, _check_n_samples(n_samples), seed)
-    if method == "reset":
+    if method is Fix.RESET:
         if layers is not None or targets is not None:
             raise ValueError("reset re-estimates every BatchNorm layer from data alone; it takes no layers or targets")
-        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pruned.modules()):
+        if not any(isinstance(m, BN_TYPES) for m in pruned.modules()):
             raise ValueError(f"reset needs BatchNorm layers and this {type(pruned).__name__} has none; "
                              "use method='repair' (or 'rescale') for models without BatchNorm")
         return normalize.reset_bn_stats(pruned, data, n_samples=n_samples, batch_size=batch_size)
-    fn = normalize.repair if method == "repair" else normalize.rescale
+    fn = normalize.repair if method is Fix.REPAIR else normalize.rescale
     layers = None if layers is None else list(layers)
     if targets is not None:
         return fn(pruned, data=data, layers=layers, targets=targets, n_samples=n_samples, batch_size=batch_size)

@@ -50,20 +50,19 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import chain
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from .graph import Permutation, PermutationSpec, UnsupportedOperationError, permutation_spec
-from .matching import _inputs, _lockstep
-from .merge import check_alpha, check_same_architecture
+from .activations import JointMoments, batches, collect_paired
+from .merge import bias_coefficients
+from .structure import BN_TYPES, WEIGHT_TYPES, structure_of
+from .validate import check_alpha, check_finite, check_same_architecture
 
 __all__ = ["Zip", "ZipGroup", "zipit_matching", "match_features", "feature_correlation"]
-
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
 
 def _check_unit(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -180,27 +179,6 @@ def merge_matrix(U: torch.Tensor, weight: float = 0.5) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # Correlations of the 2n features, in one streaming pass.
 
-class _JointMoments:
-    """Streaming Σz and Σzzᵀ (float64) of the concatenated features z = [f_a; f_b] (2n)."""
-
-    def __init__(self, size: int, device: torch.device) -> None:
-        self.n = 0
-        self.s = torch.zeros(2 * size, dtype=torch.float64, device=device)
-        self.ss = torch.zeros(2 * size, 2 * size, dtype=torch.float64, device=device)
-        self.lo = torch.full((2 * size,), math.inf, dtype=torch.float64, device=device)
-        self.hi = torch.full((2 * size,), -math.inf, dtype=torch.float64, device=device)
-
-    def add(self, z: torch.Tensor) -> None:
-        self.n += z.shape[1]
-        self.s += z.sum(1)
-        self.ss += z @ z.T
-        self.lo = torch.minimum(self.lo, z.min(1).values)
-        self.hi = torch.maximum(self.hi, z.max(1).values)
-
-    def corr(self) -> torch.Tensor:
-        return _correlation(self.n, self.s, self.ss, self.lo, self.hi)
-
-
 def _correlation(n: int, s: torch.Tensor, ss: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                  rtol: float = 1e-9) -> torch.Tensor:
     """Pearson correlation from sums; features constant on the data (max − min ≤ rtol·scale) get 1
@@ -230,7 +208,7 @@ def _check_sequential(spec: PermutationSpec, model: nn.Module) -> None:
                 f"{', '.join(g.producers)} are added together, i.e. the model has residual connections "
                 f"({type(model).__name__}). Use weight or activation matching for residual networks")
         layer = modules[g.producers[0]]
-        if not isinstance(layer, _LAYERS):
+        if not isinstance(layer, WEIGHT_TYPES):
             raise UnsupportedOperationError(f"ZipIt! cannot zip {g.producers[0]!r} ({type(layer).__name__}); "
                                             "only Conv1d/2d/3d and Linear layers are supported")
         if getattr(layer, "groups", 1) != 1:
@@ -249,43 +227,17 @@ def feature_correlation(model_a: nn.Module, model_b: nn.Module, data: Any, spec:
 
     Every spatial position of a conv map counts as a sample (N×H×W), as in activation matching.
     """
-    device = next((p.device for p in model_a.parameters()), torch.device("cpu"))
-    if next((p.device for p in model_b.parameters()), device) != device:
-        raise ValueError("model_a and model_b must be on the same device for ZipIt! matching")
-    stats: dict[tuple[int, str], _JointMoments] = {}
-    hooks: dict = {}
-    for g in spec.groups:
-        for c in g.captures:
-            stats[(g.index, c.node)] = m = _JointMoments(g.size, device)
-            hooks[c.node] = _joint_hook(m, c.axis, g.size, hooks.get(c.node))
-    modes = (model_a.training, model_b.training)
-    model_a.eval(), model_b.eval()
-    batches = _inputs(data, batch_size, device)
-    first = next(batches, None)
+    stream = batches(data, batch_size, model_a)
+    first = next(stream, None)
     if first is None:
         raise ValueError("ZipIt! matching needs at least one batch of data")
-    try:
-        for x in islice(chain([first], batches), max_batches):
-            _lockstep(spec.graph, (model_a, model_b), x, hooks)
-    finally:
-        model_a.train(modes[0]), model_b.train(modes[1])
+    stats = collect_paired(model_a, model_b, spec, [g.index for g in spec.groups], chain([first], stream),
+                           JointMoments, max_batches)
     out = []
     for g in spec.groups:
-        corrs = [m.corr() for (gi, _), m in stats.items() if gi == g.index]
+        corrs = [_correlation(m.n, m.s, m.ss, m.lo, m.hi) for (gi, _), m in stats.items() if gi == g.index]
         out.append(torch.stack(corrs).mean(0))
     return out
-
-
-def _joint_hook(m: _JointMoments, axis: int, size: int, prev=None, chunk: int = 1 << 21):
-    def hook(a: torch.Tensor, b: torch.Tensor) -> None:
-        if prev is not None:
-            prev(a, b)
-        step = max(1, chunk // max(1, a[:1].numel()))
-        for i in range(0, a.shape[0], step):
-            za = a[i:i + step].movedim(axis, 0).reshape(size, -1)
-            zb = b[i:i + step].movedim(axis, 0).reshape(size, -1)
-            m.add(torch.cat([za, zb]).to(torch.float64))
-    return hook
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -378,10 +330,11 @@ class Zip:
         self.spec.check_model(model_a)
         depth: dict[str, int] = {}
         if bias_calibration:
-            if any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) for m in model_a.modules()):
+            if any(isinstance(m, BN_TYPES) for m in model_a.modules()):
                 raise ValueError("bias calibration refuses BatchNorm models: their running statistics belong to the "
                                  "un-calibrated layers; use RESET for BatchNorm models")
-            depth = {f"{name}.bias": l for l, name in enumerate(self.spec.layers, start=1)}
+            # one depth per layer, as merge.interpolate counts them (structure.Structure.depth)
+            depth = {f"{name}.bias": d for name, d in structure_of(model_a).depth.items()}
         mats = {g.index: (g.merge(w), g.unmerge) for g in self.groups}
         by_key = self.spec.by_key()
         sa, sb = model_a.state_dict(), model_b.state_dict()
@@ -406,7 +359,7 @@ class Zip:
                 if not scaled:
                     t = t * (1.0 - w if i == 0 else w)
                 if key in depth:
-                    t = t * (1.0 - w if i == 0 else w) ** (depth[key] - 1)
+                    t = t * bias_coefficients(w, depth[key] - 1)[i]  # M carries one factor of the weight
                 out = t if out is None else out + t
             state[key] = out.to(va.dtype).to(va.device)
         merged = copy.deepcopy(model_a)
@@ -485,14 +438,15 @@ def zipit_matching(model_a: nn.Module, model_b: nn.Module, data: Any, example_in
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
-    device = next((p.device for p in model_a.parameters()), torch.device("cpu"))
-    batches = _inputs(data, batch_size, device)
-    first = next(batches, None)  # peeked and put back: ``data`` may be a one-shot iterator
+    check_finite(model_a, "model_a")
+    check_finite(model_b, "model_b")
+    stream = batches(data, batch_size, model_a)
+    first = next(stream, None)  # peeked and put back: ``data`` may be a one-shot iterator
     if first is None:
         raise ValueError("ZipIt! matching needs at least one batch of data")
     spec = permutation_spec(model_a, first[:2] if example_input is None else example_input)
     _check_sequential(spec, model_a)
-    corrs = feature_correlation(model_a, model_b, chain([first], batches), spec, batch_size=batch_size,
+    corrs = feature_correlation(model_a, model_b, chain([first], stream), spec, batch_size=batch_size,
                                 max_batches=max_batches)
     groups = []
     for g, c in zip(spec.groups, corrs):

@@ -36,9 +36,9 @@ from ..diagnose import FeatureBias, LogitStats, VFCurve, feature_bias, logit_sta
 from ..evaluate import evaluate, interpolation_curve
 from ..graph import Permutation, apply_permutation
 from ..matching import weight_matching
-from ..merge import interpolate
+from ..merge import calibrate_bias, interpolate
 from ..models import device_of
-from ..normalize import calibrate_bias, conv_linear_layers, layer_stats, remove_bias, repair, rescale
+from ..normalize import conv_linear_layers, layer_stats, remove_bias, repair, rescale
 from ..zipit import Zip, zipit_matching
 from ..zoo import info
 from .common import edge_configs, edge_models, example_input, test_data
