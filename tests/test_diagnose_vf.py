@@ -121,7 +121,7 @@ def test_figures_draw():
 
 
 def test_scaling_matrix_statistics():
-    from vfnb.experiments.vanishing import scaling_matrix
+    from vfnb.chapters.merging_through_vf import scaling_matrix
     w = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
     same = scaling_matrix(w, w)
     assert same["sign agreement"] == 1.0 and same["midpoint scale"] == pytest.approx(1.0)
@@ -136,16 +136,15 @@ def test_scaling_matrix_statistics():
 def test_vanishing_experiments_reuse_the_merging_edge_models():
     """The §5 chapters' cpu edge models are exactly the zoo entries of the §2 chapter (no retraining)."""
     import vfnb
-    from vfnb.experiments.common import edge_configs
-    from vfnb.experiments.vanishing import ARCHS, _arch_cfg
-    merging = vfnb.resolve("merging", "cpu")
-    for exp in ("vanishing_feature", "merging_vf"):
+    from vfnb.chapters.common import ARCHS, arch_cfg, edge_configs
+    merging = vfnb.resolve("preliminaries", "cpu")
+    for exp in ("vanishing_feature", "merging_through_vf"):
         cfg = vfnb.resolve(exp, "cpu")
         for norm in ("none", "bn", "ln"):
-            ours = edge_configs(_arch_cfg(cfg, "vgg16"), model="vgg16", norm=norm)
+            ours = edge_configs(arch_cfg(cfg, "vgg16"), model="vgg16", norm=norm)
             assert [c.key for c in ours] == [c.key for c in edge_configs(merging, model="vgg16", norm=norm)]
-        res = edge_configs(_arch_cfg(cfg, "resnet20"), model="resnet20", norm="bn")
+        res = edge_configs(arch_cfg(cfg, "resnet20"), model="resnet20", norm="bn")
         assert res[0].model_kwargs["width"] == 1.0 and res[0].epochs == merging.epochs
         assert set(ARCHS) >= {"VGG16", "VGG16-BN", "ResNet20", "ResNet20-LN"}
     with pytest.raises(vfnb.ConfigError, match="alignment"):
-        vfnb.resolve("merging_vf", "smoke", alignment="zipit")
+        vfnb.resolve("merging_through_vf", "smoke", alignment="zipit")

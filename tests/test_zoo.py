@@ -411,6 +411,7 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, spy_
     ({"lr": 0.0}, "lr"),
     ({"weight_decay": -1e-4}, "weight_decay"),
     ({"grad_clip": 0.0}, "grad_clip"),
+    ({"seed": -1}, "seed"),
 ])
 def test_train_config_validation(bad, message):
     with pytest.raises(ValueError, match=message):

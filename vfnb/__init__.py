@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .config import Config, ConfigError, resolve  # noqa: E402
+from .config import Config, ConfigError, chapter_config, resolve  # noqa: E402
 from .data import VisionData, calibration_subset, load_dataset, train_val_split  # noqa: E402
 from .models import build_model  # noqa: E402
 from .train import TrainConfig, recipe  # noqa: E402
@@ -36,7 +36,7 @@ from .flops import count_cost  # noqa: E402
 from .diagnose import LogitStats, VFCurve, bn_stats, logit_stats, vf_curve  # noqa: E402
 
 __all__ = [
-    "Config", "ConfigError", "resolve", "check_alpha", "check_finite", "check_same_architecture",
+    "Config", "ConfigError", "resolve", "chapter_config", "check_alpha", "check_finite", "check_same_architecture",
     "structure", "Structure", "structure_of", "Fix", "permute_stats", "VisionData", "load_dataset", "calibration_subset", "train_val_split",
     "build_model", "TrainConfig", "recipe", "get_or_train", "interpolate", "evaluate", "interpolation_curve",
     "barrier", "FeatureBias", "feature_bias", "upper_bound", "vf_ratio", "weight_scale",

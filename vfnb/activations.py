@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import chain
 from typing import Any, Protocol
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 
 from .data import VisionData, calibration_subset
 
-__all__ = ["dtype_of", "to_model", "batches", "labelled_batches", "inputs", "chunks", "example_input", "lockstep",
+__all__ = ["dtype_of", "to_model", "batches", "labelled_batches", "peek", "inputs", "chunks", "example_input", "lockstep",
            "PairStats", "CrossMoments", "JointMoments", "collect_paired", "batch_moments", "merge_moments"]
 
 
@@ -115,6 +116,16 @@ def batches(data: Any, batch_size: int = 500, model: nn.Module | None = None,
             n_samples: int | None = None, seed: int = 0) -> Iterator[torch.Tensor]:
     """Input batches of ``data`` (see :func:`labelled_batches`) without labels."""
     return (x for x, _ in labelled_batches(data, batch_size, model, n_samples, seed))
+
+
+def peek(data: Any, batch_size: int, model: nn.Module, what: str) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
+    """The first input batch of ``data`` (to trace ``model`` with) and an iterator over every batch, that
+    first one included, so a one-shot iterable is read once. ``what`` names the caller in the error."""
+    stream = batches(data, batch_size, model)
+    first = next(stream, None)
+    if first is None:
+        raise ValueError(f"{what} needs at least one batch of data")
+    return first, chain([first], stream)
 
 
 def inputs(data: Any, n_samples: int | None = None, seed: int = 0) -> torch.Tensor:

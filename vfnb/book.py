@@ -115,6 +115,18 @@ def chapters(root: Path | None = None) -> list[Path]:
 _all_chapters = chapters  # build_book's ``chapters`` argument shadows the function
 
 
+def chapter_id(chapter: str | os.PathLike) -> str:
+    """A chapter's id: its notebook's stem without the number prefix (``05_4_preserve_first_merging`` ->
+    ``preserve_first_merging``), the key of ``vfnb.config.EXPERIMENTS`` and the module of ``vfnb.chapters``."""
+    import re
+
+    stem = Path(chapter).stem
+    cid = re.sub(r"^\d+(?:_\d+)*_", "", stem)
+    if not cid or cid == stem and stem[:1].isdigit():
+        raise BookError(f"chapter {stem!r} has no id: name chapter notebooks <number>_<id>.ipynb, e.g. 04_linear_networks")
+    return cid
+
+
 def resolve_chapter(chapter: str | os.PathLike, root: Path | None = None) -> Path:
     """Find a chapter by path, file stem (``04_linear_networks``) or unique prefix (``04``)."""
     path = Path(chapter)

@@ -31,13 +31,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import chain
 
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from .activations import JointMoments, batches, collect_paired
+from .activations import JointMoments, collect_paired, peek
 from .graph import Entry, Permutation, PermutationSpec, active_groups, permutation_spec
 from .structure import WEIGHT_TYPES
 from .validate import UnsupportedOperationError, check_finite, check_same_architecture
@@ -237,14 +236,11 @@ def cca_matching(model_a: nn.Module, model_b: nn.Module, data, example_input: to
                          f"got {reg!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    stream = batches(data, batch_size, model_a)
-    first = next(stream, None)
-    if first is None:
-        raise ValueError("CCA matching needs at least one batch of data")
+    first, stream = peek(data, batch_size, model_a, "CCA matching")
     spec = permutation_spec(model_a, first[:2] if example_input is None else example_input)
     active = active_groups(spec, layers)
     _check_linear_spec(spec, model_b, active)  # fail before the data pass
-    stats = collect_paired(model_a, model_b, spec, active, chain([first], stream), JointMoments, max_batches)
+    stats = collect_paired(model_a, model_b, spec, active, stream, JointMoments, max_batches)
     transforms = [torch.eye(g.size, dtype=torch.float64) for g in spec.groups]
     corrs = [torch.ones(g.size, dtype=torch.float64) for g in spec.groups]
     for gi in active:

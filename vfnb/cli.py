@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train (or load from the zoo) one edge model")
     train.add_argument("--model", required=True, help="architecture name")
     train.add_argument("--dataset", help="dataset name (default: the profile's)")
-    train.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    train.add_argument("--seed", type=int, default=0, help="training seed, an integer >= 0 (default 0)")
     train.add_argument("--profile", default="cpu", help="size profile (default cpu)")
     train.add_argument("--epochs", type=int, help="training epochs (default: the profile's)")
     train.add_argument("--data-root", help="folder of torchvision datasets (paper profile)")
@@ -72,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from papermill.exceptions import PapermillExecutionError
 
     from vfnb import book
+    from vfnb.config import ConfigError
+    from vfnb.data import DatasetNotFoundError
+    from vfnb.zoo import CacheDirError
 
     try:
         if args.command == "book":
@@ -92,6 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(train_cli(args) or 0)
     except book.BookError as err:
         parser.error(str(err))  # exits with status 2
+    except (ConfigError, CacheDirError, DatasetNotFoundError) as err:  # a user error: one line, exit 2
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except PapermillExecutionError as err:  # a failing chapter: short message, exit 1
         print(f"error: {err}", file=sys.stderr)
         return 1

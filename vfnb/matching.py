@@ -8,14 +8,13 @@ every other group keeps the identity (paper Fig. 4 left, "permute only the first
 """
 from __future__ import annotations
 
-from itertools import chain
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from .activations import CrossMoments, batches, collect_paired
+from .activations import CrossMoments, collect_paired, peek
 from .graph import (Entry, Permutation, active_groups, identity_permutation, permutation_spec,
                     permute_tensor)
 from .validate import check_finite, check_same_architecture
@@ -151,13 +150,10 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, data, example_in
     check_same_architecture(model_a, model_b)
     check_finite(model_a, "model_a")
     check_finite(model_b, "model_b")
-    stream = batches(data, batch_size, model_a)
-    first = next(stream, None)
-    if first is None:
-        raise ValueError("activation matching needs at least one batch of data")
+    first, stream = peek(data, batch_size, model_a, "activation matching")
     spec = permutation_spec(model_a, first[:2] if example_input is None else example_input)
     active = active_groups(spec, layers)
-    stats = collect_paired(model_a, model_b, spec, active, chain([first], stream), CrossMoments, max_batches)
+    stats = collect_paired(model_a, model_b, spec, active, stream, CrossMoments, max_batches)
     perms = list(identity_permutation(spec).perms)
     for gi in active:
         corrs = [m.corr() for (h, _), m in stats.items() if h == gi]

@@ -50,14 +50,13 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from .graph import Permutation, PermutationSpec, UnsupportedOperationError, permutation_spec
-from .activations import JointMoments, batches, collect_paired
+from .activations import JointMoments, collect_paired, peek
 from .merge import bias_coefficients
 from .structure import BN_TYPES, WEIGHT_TYPES, structure_of
 from .validate import check_alpha, check_finite, check_same_architecture
@@ -227,11 +226,8 @@ def feature_correlation(model_a: nn.Module, model_b: nn.Module, data: Any, spec:
 
     Every spatial position of a conv map counts as a sample (N×H×W), as in activation matching.
     """
-    stream = batches(data, batch_size, model_a)
-    first = next(stream, None)
-    if first is None:
-        raise ValueError("ZipIt! matching needs at least one batch of data")
-    stats = collect_paired(model_a, model_b, spec, [g.index for g in spec.groups], chain([first], stream),
+    first, stream = peek(data, batch_size, model_a, "ZipIt! matching")
+    stats = collect_paired(model_a, model_b, spec, [g.index for g in spec.groups], stream,
                            JointMoments, max_batches)
     out = []
     for g in spec.groups:
@@ -440,13 +436,10 @@ def zipit_matching(model_a: nn.Module, model_b: nn.Module, data: Any, example_in
         raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
     check_finite(model_a, "model_a")
     check_finite(model_b, "model_b")
-    stream = batches(data, batch_size, model_a)
-    first = next(stream, None)  # peeked and put back: ``data`` may be a one-shot iterator
-    if first is None:
-        raise ValueError("ZipIt! matching needs at least one batch of data")
+    first, stream = peek(data, batch_size, model_a, "ZipIt! matching")
     spec = permutation_spec(model_a, first[:2] if example_input is None else example_input)
     _check_sequential(spec, model_a)
-    corrs = feature_correlation(model_a, model_b, chain([first], stream), spec, batch_size=batch_size,
+    corrs = feature_correlation(model_a, model_b, stream, spec, batch_size=batch_size,
                                 max_batches=max_batches)
     groups = []
     for g, c in zip(spec.groups, corrs):

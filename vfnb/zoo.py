@@ -4,15 +4,30 @@ Layout: ``<cache>/<model>-<dataset>-s<seed>-<key>/`` holds ``model.safetensors``
 without running code), ``meta.json`` (configuration, metrics, SHA-256 of the weights, library
 versions) and, while training, ``resume.pt`` (read with ``weights_only=True``). ``meta.json`` is
 written last, so a folder without it is an unfinished run that the next call resumes.
+
+Training an entry holds an exclusive lock (``fcntl.flock`` on ``<cache>/.locks/<entry>.lock``), so
+processes that ask for the same configuration at once train it once: the others wait, then load
+it. Every file is written atomically (a uniquely named temporary file, then a rename) with the
+mode the umask gives, so a shared zoo stays readable.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import platform
+import secrets
+import sys
+import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no inter-process lock (writes stay atomic, concurrent runs may both train)
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 from torch import nn
@@ -20,13 +35,22 @@ from safetensors.torch import load_file, save_file
 
 from .config import default_cache_dir
 from .models import build_model
-from .train import TrainConfig, atomic_save, data_kwargs, train
+from .train import TEMP_SUFFIX, TrainConfig, atomic_save, data_kwargs, hostname, temp_owner, train
 
 FORMAT = "vfnb-zoo-1"
+#: The folder (inside the cache) of the lock files, one per entry.
+LOCKS = ".locks"
+#: A temporary file whose writer is unknown (another host, an older vfnb) counts as left over once
+#: it has not changed for this long; one write takes seconds.
+STALE_TEMP_SECONDS = 3 * 3600
 
 
 class CorruptCheckpointError(RuntimeError):
     """A cached model is truncated, foreign, or was trained with another configuration."""
+
+
+class CacheDirError(OSError):
+    """The zoo's cache folder cannot be written: it is a file, lies under one, or is not writable."""
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -90,24 +114,142 @@ def load_entry(config: TrainConfig, cache_dir: str | Path | None = None,
     return model.to(device).eval(), meta
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, and belongs to another user
+        return True
+    return True
+
+
+def is_stale_temp(path: Path) -> bool:
+    """Whether the temporary file ``path`` was left by a writer that is gone.
+
+    A file of a process of this host is stale once that process has ended; any other one (another
+    host, an older naming) once it is older than :data:`STALE_TEMP_SECONDS`.
+    """
+    owner = temp_owner(path)
+    if owner is not None and owner[0] == hostname():
+        if owner[1] == os.getpid() or _pid_alive(owner[1]):
+            return False
+        return True
+    try:
+        return time.time() - path.stat().st_mtime > STALE_TEMP_SECONDS
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temporary files in ``folder`` left by killed writers (never a live writer's)."""
+    removed = []
+    for tmp in folder.glob(f".*{TEMP_SUFFIX}"):
+        if is_stale_temp(tmp):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _cache_error(root: Path, cache_dir: str | Path | None, exc: OSError) -> CacheDirError:
+    """A :class:`CacheDirError` that says which folder, where it came from, what is wrong and the fix."""
+    if cache_dir is not None:
+        source = "the cache_dir argument"
+    elif os.environ.get("VFNB_CACHE"):
+        source = "$VFNB_CACHE"
+    else:
+        source = "the default, as VFNB_CACHE is not set"
+    existing = Path(exc.filename) if getattr(exc, "filename", None) else root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        reason = f"{existing} is a file, not a folder"
+    else:
+        reason = f"{exc.strerror or exc} ({exc.filename or root})"
+    return CacheDirError(
+        f"cannot store trained models in the zoo cache {root} (from {source}): {reason}. Set the "
+        f"VFNB_CACHE environment variable (or cache_dir) to a writable folder, e.g. VFNB_CACHE=/tmp/vfnb-zoo")
+
+
+def check_cache_writable(config: TrainConfig, cache_dir: str | Path | None = None) -> Path:
+    """Create the entry folder of ``config`` and make sure files can be written there; return it.
+
+    Raises :class:`CacheDirError`, naming ``VFNB_CACHE`` and the path, if the cache is a file, lies
+    under a file, or is not writable, so that nothing is trained only to be lost.
+    """
+    root, d = default_cache_dir(cache_dir), entry_dir(config, cache_dir)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        (root / LOCKS).mkdir(exist_ok=True)
+        probe = d / f".write-probe.{hostname()}.{os.getpid()}.{secrets.token_hex(8)}{TEMP_SUFFIX}"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        probe.unlink()
+    except OSError as exc:
+        raise _cache_error(root, cache_dir, exc) from exc
+    return d
+
+
+@contextlib.contextmanager
+def entry_lock(config: TrainConfig, cache_dir: str | Path | None = None, progress: bool = True) -> Iterator[Path]:
+    """Hold the exclusive lock of ``config``'s entry (waiting for another holder); yield the lock file."""
+    root = default_cache_dir(cache_dir)
+    path = root / LOCKS / f"{entry_dir(config, cache_dir).name}.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # another user's lock file in a shared zoo: a read-only descriptor locks too
+            fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise _cache_error(root, cache_dir, exc) from exc
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if progress:
+                    print(f"waiting for another process that trains {config.model} seed {config.seed} "
+                          f"(lock {path})", file=sys.stderr, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def get_or_train(config: TrainConfig, cache_dir: str | Path | None = None, data_root: str | Path | None = None,
                  device: str | torch.device | None = "auto", progress: bool = True) -> nn.Module:
     """Return the edge model for ``config``, training it only if the cache does not hold it.
 
     A cached entry is verified (configuration, checksum, architecture); a corrupt one is reported
     with a warning and retrained, never silently used. An unfinished run resumes from its last
-    epoch. The model is returned in eval mode on ``device``; see :func:`info` for its metrics.
+    epoch. Concurrent calls for one configuration (threads or processes) train it once: the others
+    wait for the lock, then load the result. The cache is checked for writability before training
+    (:class:`CacheDirError`). The model is returned in eval mode on ``device``; see :func:`info`
+    for its metrics.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"get_or_train expects a vfnb.TrainConfig, got {type(config).__name__}")
     device = resolve_device(device)
-    try:
+    try:  # a finished entry needs no lock (meta.json is written last), so a read-only zoo serves hits
         return load_entry(config, cache_dir, device)[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, CorruptCheckpointError):
         pass
-    except CorruptCheckpointError as exc:
-        warnings.warn(f"discarding a corrupt zoo entry and retraining: {exc}")
-        (entry_dir(config, cache_dir) / "meta.json").unlink(missing_ok=True)
+    d = check_cache_writable(config, cache_dir)
+    with entry_lock(config, cache_dir, progress):
+        try:  # another process may have trained it while this one waited
+            return load_entry(config, cache_dir, device)[0]
+        except FileNotFoundError:
+            pass
+        except CorruptCheckpointError as exc:
+            warnings.warn(f"discarding a corrupt zoo entry and retraining: {exc}")
+            (d / "meta.json").unlink(missing_ok=True)
+        remove_stale_temps(d)  # left by a run killed in the middle of a write
+        return _train_entry(config, d, data_root, device, progress)
+
+
+def _train_entry(config: TrainConfig, d: Path, data_root: str | Path | None, device: torch.device,
+                 progress: bool) -> nn.Module:
+    """Train ``config`` (resuming ``d/resume.pt``) and write its entry into ``d``; the caller holds the lock."""
     from .data import calibration_subset, load_dataset
 
     train_data = load_dataset(config.dataset, "train", root=data_root)
@@ -116,9 +258,6 @@ def get_or_train(config: TrainConfig, cache_dir: str | Path | None = None, data_
             raise ValueError(f"n_train={config.n_train} but {config.dataset} has {len(train_data)} training images")
         train_data = calibration_subset(train_data, config.n_train, seed=0)
     test_data = load_dataset(config.dataset, "test", root=data_root)
-    d = entry_dir(config, cache_dir)
-    for stale in d.glob(".*.tmp"):  # left by a run killed in the middle of a write
-        stale.unlink(missing_ok=True)
     model, history = train(config, train_data, test_data, checkpoint=d / "resume.pt", device=device,
                            progress=progress)
     weights = d / "model.safetensors"
@@ -149,11 +288,28 @@ def info(config: TrainConfig, cache_dir: str | Path | None = None) -> dict[str, 
 
 
 def train_cli(args: Any) -> int:
-    """``python -m vfnb train``: train (or find) one edge model and print where it lives."""
+    """``python -m vfnb train``: train (or find) one edge model and print where it lives.
+
+    The values are checked like a chapter's parameters (:func:`vfnb.config.check_value`), so a bad
+    one gives the same :class:`~vfnb.config.ConfigError` message either way.
+    """
+    from .config import ConfigError, check_value
+    from .models import MODELS
     from .train import recipe
-    extra = {"epochs": args.epochs} if getattr(args, "epochs", None) else {}
-    cfg = recipe(args.model, getattr(args, "profile", None) or "cpu", dataset=getattr(args, "dataset", None),
-                 seed=args.seed, **extra)
+
+    profile = getattr(args, "profile", None) or "cpu"
+    dataset, epochs = getattr(args, "dataset", None), getattr(args, "epochs", None)
+    if args.model not in MODELS:
+        raise ConfigError(f"parameter 'model' = {args.model!r} is not allowed: it must be one of {', '.join(MODELS)}")
+    check_value("profile", profile)
+    if dataset is not None:
+        check_value("dataset", dataset)
+    check_value("seed", args.seed)
+    extra = {}
+    if epochs is not None:  # 0 is a bad value, not "the profile's default"
+        check_value("epochs", epochs)
+        extra["epochs"] = epochs
+    cfg = recipe(args.model, profile, dataset=dataset, seed=args.seed, **extra)
     get_or_train(cfg, data_root=getattr(args, "data_root", None))
     meta = info(cfg)
     print(f"{entry_dir(cfg)}  test accuracy {meta['metrics']['test_accuracy']:.4f}")

@@ -26,9 +26,10 @@ from ..config import Config
 from ..data import calibration_subset
 from ..diagnose import feature_bias, logit_stats, vf_curve
 from ..evaluate import evaluate
-from ..pruning import apply_masks, prunable_layers, prune_scores, pruning_targets, repair_pruned, select_masks
+from ..pruning import apply_masks, prune_scores, pruning_targets, repair_pruned, select_masks
 from ..zoo import info
-from .common import edge_configs, edge_models, match_data, test_data
+from .claims import Claims, all_of
+from .common import check_config, edge_configs, edge_models, match_data, test_data
 
 #: Pruner name -> (scoring method, scope) of :func:`vfnb.prune`.
 PRUNERS: dict[str, tuple[str, str]] = {"magnitude": ("magnitude", "global"),
@@ -67,6 +68,7 @@ class PruningResult:
     settings: dict[str, str] = field(default_factory=lambda: dict(SETTINGS))  # norm -> fix actually run
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: Counter = field(default_factory=Counter)  # normalization warnings (e.g. dead channels), counted
+    n_test: int = 0                                     # test images behind every accuracy
 
     @property
     def explored(self) -> str:
@@ -91,8 +93,7 @@ class PruningResult:
 
 
 def _check(cfg: Config) -> None:
-    if cfg.experiment != "pruning":
-        raise ValueError(f"expected a config of experiment 'pruning', got {cfg.experiment!r}")
+    check_config(cfg, "pruning")
 
 
 def sparsity_grid(cfg: Config) -> list[float]:
@@ -173,7 +174,7 @@ def _run(cfg: Config, progress: bool, settings: dict[str, str]) -> PruningResult
     bar.close()
     return PruningResult(cfg=cfg, models=models, base=base, sparsities=grid, accuracy=accuracy,
                          diagnosis=diagnosis, base_logits=base_logits, calibration=calibration, settings=settings,
-                         seconds=seconds)
+                         seconds=seconds, n_test=len(test))
 
 
 def _calibration_sizes(cfg: Config, model: nn.Module, scores: dict, scope: str, fix: str, pool: Any,
@@ -339,12 +340,9 @@ def _last(curve: Any) -> float:
 
 
 def claims(res: PruningResult) -> list[dict[str, Any]]:
-    """The paper's §5.5 / A.7 claims, each checked on this run: claim, whether it holds, the evidence."""
-    out: list[dict[str, Any]] = []
-
-    def add(claim: str, holds: bool, evidence: str) -> None:
-        out.append({"claim": claim, "holds here": "yes" if holds else "no", "evidence": evidence})
-
+    """The paper's §5.5 / A.7 claims, each checked on this run: claim, whether it holds, the evidence.
+    Accuracy comparisons hold only beyond the test-set noise (:mod:`vfnb.chapters.claims`)."""
+    c = Claims(n=res.n_test or None)
     s = _nearest(res.sparsities, res.cfg.sparsity)
     p0 = "magnitude" if "magnitude" in res.pruners else res.pruners[0]
     # Fig. 5A/B: the feature vanishes after pruning, and the fix restores it
@@ -354,45 +352,46 @@ def claims(res: PruningResult) -> list[dict[str, Any]]:
         before, after = _last(d.vf["pruned"]), _last(d.vf["fixed"])
         holds.append(before < 0.5 and after > before)
         ev.append(f"{res.label(norm)}: E_L = {before:.3f} pruned, {after:.3f} after {FIX_LABELS[res.fix(norm)]}")
-    add(f"At high sparsity ({PRUNER_LABELS[p0]} at {s:g}) the input-induced feature of the last layer "
-        "vanishes (E_L well below 1), and post-pruning normalization brings it back",
-        all(holds), "; ".join(ev))
+    c.add(f"At high sparsity ({PRUNER_LABELS[p0]} at {s:g}) the input-induced feature of the last layer "
+          "vanishes (E_L well below 1), and post-pruning normalization brings it back", all(holds), "; ".join(ev))
     for norm in res.settings:
         bs = res.base_logits[norm]
         ps = res.diagnosis[(norm, p0, s)].logits["pruned"]
         std_ratio = float(np.mean(np.asarray(ps.std)) / max(np.mean(np.asarray(bs.std)), 1e-12))
         dist0 = float(np.mean(np.abs(np.asarray(ps.mean) - np.asarray(ps.zero))))
         spread = float(np.mean(np.abs(np.asarray(bs.mean) - np.asarray(bs.zero))))
-        add(f"Fig. 5A: the logits of pruned {res.label(norm)} hardly vary with the input (their std shrinks) "
-            "and sit near f(0)", std_ratio < 0.5,
-            f"{PRUNER_LABELS[p0]} at {s:g}: mean per-class logit std {std_ratio:.3f}× the unpruned model's; "
-            f"mean |E f(x) − f(0)| = {dist0:.3f} (unpruned: {spread:.3f})")
+        c.add(f"Fig. 5A: the logits of pruned {res.label(norm)} hardly vary with the input (their std shrinks) "
+              "and sit near f(0)", std_ratio < 0.5,
+              f"{PRUNER_LABELS[p0]} at {s:g}: mean per-class logit std {std_ratio:.3f}× the unpruned model's; "
+              f"mean |E f(x) − f(0)| = {dist0:.3f} (unpruned: {spread:.3f})")
     # Fig. 5C/D: normalization helps, most at high sparsity
     for norm in res.settings:
         fix = FIX_LABELS[res.fix(norm)]
         x = np.array(res.sparsities)
-        gains = {p: res.accuracy[(norm, p)]["after"] - res.accuracy[(norm, p)]["before"] for p in res.pruners}
-        g = np.stack(list(gains.values()))
+        pairs = [(float(a), float(b)) for p in res.pruners
+                 for a, b in zip(res.accuracy[(norm, p)]["after"], res.accuracy[(norm, p)]["before"])]
+        g = np.stack([res.accuracy[(norm, p)]["after"] - res.accuracy[(norm, p)]["before"] for p in res.pruners])
+        hurts = sum(c.less(a, b) is True for a, b in pairs)
+        helps = sum(c.greater(a, b) is True for a, b in pairs)
+        c.add(f"{res.label(norm)}: {fix} after pruning does not hurt and helps (paper: 'consistently enhanced')",
+              hurts == 0 and helps > 0,
+              f"over {len(pairs)} (pruner, sparsity) points, {fix} is better beyond noise at {helps} and worse at "
+              f"{hurts}; gain in accuracy: min {float(g.min()):+.3f}, max {float(g.max()):+.3f}")
         hi, lo = x >= 0.8, x <= 0.5
-        worst = float(g.min())
-        add(f"{res.label(norm)}: {fix} after pruning does not hurt and helps (paper: 'consistently enhanced')",
-            worst >= -0.01 and float(g.max()) > 0.05,
-            f"gain in accuracy from {fix} over {g.size} (pruner, sparsity) points: min {worst:+.3f}, "
-            f"max {float(g.max()):+.3f}")
         if hi.any() and lo.any():
             ghi, glo = float(g[:, hi].mean()), float(g[:, lo].mean())
-            add(f"{res.label(norm)}: {fix} helps most at high sparsity",
-                ghi > glo, f"mean gain at sparsity ≥ 0.8: {ghi:+.3f}; at ≤ 0.5: {glo:+.3f}")
+            c.add(f"{res.label(norm)}: {fix} helps most at high sparsity",
+                  ghi > glo, f"mean gain at sparsity ≥ 0.8: {ghi:+.3f}; at ≤ 0.5: {glo:+.3f}")
     # the paper's headline number (VGG16-LN at 90 %: 72.6 % → 91.7 % on CIFAR-10)
     if 0.9 in res.sparsities and "magnitude" in res.pruners and "ln" in res.settings:
         a = res.at("ln", "magnitude", 0.9)
         more = "; ".join(f"at {x:g}: {res.at('ln', 'magnitude', x)['before']:.3f} → {res.at('ln', 'magnitude', x)['after']:.3f}"
                          for x in (0.8, 0.95) if x in res.sparsities)
-        add(f"Post-pruning REPAIR rescues {res.label('ln')} at 90 % sparsity, to within 10 points of the unpruned "
-            "model (paper, CIFAR-10 VGG16-LN: 72.6 % → 91.7 %)",
-            a["after"] > a["before"] + 0.05 and a["after"] > res.base["ln"]["accuracy"] - 0.1,
-            f"global magnitude at 0.9: {a['before']:.3f} → {a['after']:.3f} (unpruned {res.base['ln']['accuracy']:.3f})"
-            + (f"; {more}" if more else ""))
+        c.add(f"Post-pruning REPAIR rescues {res.label('ln')} at 90 % sparsity, to within 10 points of the unpruned "
+              "model (paper, CIFAR-10 VGG16-LN: 72.6 % → 91.7 %)",
+              all_of(c.greater(a["after"], a["before"]), bool(a["after"] > res.base["ln"]["accuracy"] - 0.1)),
+              f"global magnitude at 0.9: {a['before']:.3f} → {a['after']:.3f} (unpruned {res.base['ln']['accuracy']:.3f})"
+              + (f"; {more}" if more else ""))
     # A.7 / §5.5: repaired magnitude rivals the elaborate pruners
     others = [p for p in res.pruners if p in ("wanda", "fisher")]
     if "magnitude" in res.pruners and others:
@@ -403,29 +402,29 @@ def claims(res: PruningResult) -> list[dict[str, Any]]:
             mag = res.accuracy[(norm, "magnitude")]["after"][hi]
             raw = np.max([res.accuracy[(norm, p)]["before"][hi] for p in others], axis=0)
             fixed = np.max([res.accuracy[(norm, p)]["after"][hi] for p in others], axis=0)
-            add(f"{res.label(norm)}: global magnitude + {fix} matches or beats the elaborate pruners ({names}) "
-                "without normalization (A.7: 'comparable results to advanced pruning methods')",
-                bool(np.all(mag >= raw - 0.01 - 1e-9)),
-                f"at the {int(hi.sum())} sparsities ≥ 0.5, magnitude + {fix} minus the best of them: "
-                f"min {float(np.min(mag - raw)):+.3f}, mean {float(np.mean(mag - raw)):+.3f}")
+            c.add(f"{res.label(norm)}: global magnitude + {fix} matches or beats the elaborate pruners ({names}) "
+                  "without normalization (A.7: 'comparable results to advanced pruning methods')",
+                  all(c.at_least(float(m), float(r)) for m, r in zip(mag, raw)),
+                  f"at the {int(hi.sum())} sparsities ≥ 0.5, magnitude + {fix} minus the best of them: "
+                  f"min {float(np.min(mag - raw)):+.3f}, mean {float(np.mean(mag - raw)):+.3f}")
             if "wanda" in others:
                 wanda = res.accuracy[(norm, "wanda")]["after"][hi]
-                wins = float(np.mean(mag >= wanda))
-                add(f"{res.label(norm)}: after {fix}, magnitude pruning often surpasses Wanda (paper, ConvNeXt on "
-                    "ImageNet)", wins >= 0.5,
-                    f"magnitude + {fix} ≥ Wanda + {fix} at {wins:.0%} of the sparsities ≥ 0.5 (mean difference "
-                    f"{float(np.mean(mag - wanda)):+.3f}); the best normalized pruner leads magnitude by up to "
-                    f"{float(np.max(fixed - mag)):+.3f}")
+                wins = float(np.mean([c.at_least(float(m), float(w)) for m, w in zip(mag, wanda)]))
+                c.add(f"{res.label(norm)}: after {fix}, magnitude pruning often surpasses Wanda (paper, ConvNeXt on "
+                      "ImageNet)", wins >= 0.5,
+                      f"magnitude + {fix} ≥ Wanda + {fix} (or within noise) at {wins:.0%} of the sparsities ≥ 0.5 "
+                      f"(mean difference {float(np.mean(mag - wanda)):+.3f}); the best normalized pruner leads "
+                      f"magnitude by up to {float(np.max(fixed - mag)):+.3f}")
     # A.7: a few calibration images suffice
     for norm in res.settings:
-        c = res.calibration[(norm, p0)]
-        if len(c["n"]) >= 2:
-            diff = abs(c["accuracy"][0] - c["accuracy"][-1])
-            add(f"{res.label(norm)}: {c['n'][0]} calibration images already give about the result of all "
-                f"{c['n'][-1]} (appendix A.7)", diff <= 0.02,
-                f"{PRUNER_LABELS[p0]} at {res.cfg.sparsity:g}: {c['accuracy'][0]:.3f} with n={c['n'][0]}, "
-                f"{c['accuracy'][-1]:.3f} with n={c['n'][-1]}")
-    return out
+        cal = res.calibration[(norm, p0)]
+        if len(cal["n"]) >= 2:
+            few, full = float(cal["accuracy"][0]), float(cal["accuracy"][-1])
+            c.add(f"{res.label(norm)}: {cal['n'][0]} calibration images already give about the result of all "
+                  f"{cal['n'][-1]} (appendix A.7)", c.at_least(few, full),
+                  f"{PRUNER_LABELS[p0]} at {res.cfg.sparsity:g}: {few:.3f} with n={cal['n'][0]}, "
+                  f"{full:.3f} with n={cal['n'][-1]} (±{c.margin(few, full):.3f})")
+    return c.table()
 
 
 # ------------------------------------------------------------------------------------------ prose with numbers

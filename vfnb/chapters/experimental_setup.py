@@ -1,8 +1,10 @@
 """Paper §3 (experimental setup): tables generated from ``vfnb.config`` and ``vfnb.train``.
 
 Nothing here is typed by hand: every row is read from the profiles (``EXPERIMENTS``), the
-training recipes (``PAPER_RECIPES``, ``PROFILE_CNN``, :func:`vfnb.train.recipe`), the datasets
-themselves and the zoo.
+training recipes (``PAPER_RECIPES``, ``PROFILE_CNN``, :func:`vfnb.train.recipe`), the chapters'
+architecture lists, the datasets themselves and the zoo. The chapter's own config takes only where
+things live; the CNN edge models are those of chapter ``preliminaries`` at the same profile
+(:func:`cnn_config`), the MLPs those of ``linear_networks``.
 """
 from __future__ import annotations
 
@@ -13,27 +15,65 @@ from ..data import DATASETS, NORMALIZATION, load_dataset
 from ..models import build_model
 from ..train import PAPER_RECIPES, PROFILE_CNN, RESNET_LN_CNN, data_kwargs, recipe
 from ..zoo import get_or_train, info, resolve_device
-from . import linear
-from .common import BOOK_ARCHITECTURES, width_for
+from . import linear_networks, merging_through_vf, pruning, vanishing_feature
+from .common import BOOK_ARCHITECTURES, check_config, width_for
 from .common import edge_configs as common_edge_configs
+
+#: The architectures (labels of :data:`vfnb.chapters.common.ARCHS`) of the chapters that take widths only.
+CHAPTER_ARCHS: dict[str, tuple[str, ...]] = {"vanishing_feature": vanishing_feature.FIG3B,
+                                             "merging_through_vf": merging_through_vf.ARCH_LABELS}
+
+
+def cnn_config(cfg: Config) -> Config:
+    """The ``preliminaries`` config at ``cfg``'s profile (its CNN recipe is every chapter's), with ``cfg``'s
+    data root, device and cache."""
+    check_config(cfg, "experimental_setup")
+    return resolve("preliminaries", cfg.profile, data_root=cfg.data_root, device=cfg.device, cache_dir=cfg.cache_dir)
+
+
+def models_text(chapter: str, profile: str) -> str:
+    """The edge models ``chapter`` trains at ``profile``, in words (the experiment table's model column)."""
+    d = EXPERIMENTS[chapter][profile]
+    if chapter == "introduction":
+        return "as linear_networks: " + models_text("linear_networks", profile)
+    if chapter == "experimental_setup":
+        return "every edge model of the book (see the zoo table)"
+    parts = []
+    if "depth" in d:
+        parts.append(f"linear mlp, depth {d['depth']}, width {d['width']}")
+    if "model" in d:
+        if chapter == "pruning":
+            norms = ", ".join(n.upper() for n in pruning.SETTINGS)
+        else:
+            norms = d.get("norm", "none")
+        parts.append(f"{d['model']} (norm {norms}), width ×{d['model_width']}")
+    if chapter in CHAPTER_ARCHS:
+        labels = CHAPTER_ARCHS[chapter]
+        for family, key in (("VGG", "model_width"), ("ResNet", "resnet_width")):
+            own = [label for label in labels if label.startswith(family)]
+            if own:
+                parts.append(f"{', '.join(own)}, width ×{d[key]}")
+    elif "resnet_width" in d:
+        parts.append(f"ResNet20 (norm bn), width ×{d['resnet_width']}")
+    if "mlp_depth" in d:
+        parts.append(f"linear mlp (plain and residual), depth {d['mlp_depth']}, width {d['mlp_width']}")
+    if not parts:
+        raise ValueError(f"no description of chapter {chapter!r}'s models; extend vfnb.chapters.experimental_setup."
+                         "models_text")
+    return "; ".join(parts)
 
 
 def experiment_table() -> list[dict[str, Any]]:
-    """Per experiment and profile: dataset, data sizes, edge seeds, model and recipe (blank where an
-    experiment does not have that parameter)."""
+    """Per chapter and profile: dataset, data sizes, edge seeds, models and recipe (blank where a chapter
+    does not have that parameter)."""
     rows = []
     for name, profiles in EXPERIMENTS.items():
         for p in PROFILES:
             d = profiles[p]
-            if "depth" in d:
-                arch = f"linear mlp, depth {d['depth']}, width {d['width']}"
-            else:
-                arch = f"{d.get('model', '')}, width ×{d.get('model_width', '')}"
-                arch += f", norm {d['norm']}" if "norm" in d else ""
             size = lambda k: "all" if d.get(k, "") is None else d.get(k, "")  # noqa: E731
-            rows.append({"experiment": name, "profile": p, "dataset": d.get("dataset", ""),
+            rows.append({"chapter": name, "profile": p, "dataset": d.get("dataset", ""),
                          "train images": size("n_train"), "test images": size("n_test"),
-                         "seeds": str(d.get("seeds", d.get("seed", ""))), "model": arch,
+                         "seeds": str(d.get("seeds", d.get("seed", ""))), "model": models_text(name, p),
                          "epochs": d.get("epochs", ""), "lr": d.get("lr", ""),
                          "weight decay": d.get("weight_decay", ""), "α grid points": d.get("n_alphas", "")})
     return rows
@@ -83,7 +123,8 @@ def source_table() -> list[dict[str, Any]]:
 def model_table(cfg: Config) -> list[dict[str, Any]]:
     """The edge architectures of the chapters at ``cfg.profile``: layers and parameter counts."""
     rows = []
-    data = load_dataset(cfg.dataset, "test", root=cfg.data_root)
+    ccfg = cnn_config(cfg)
+    data = load_dataset(ccfg.dataset, "test", root=ccfg.data_root)
     for exp, configs in edge_configs(cfg).items():
         c = configs[0]
         m = build_model(c.model, **{**c.model_kwargs, **data_kwargs(c.model, data.in_channels, data.image_size,
@@ -96,12 +137,14 @@ def model_table(cfg: Config) -> list[dict[str, Any]]:
 
 def edge_configs(cfg: Config) -> dict[str, list]:
     """The edge-model configurations the chapters train at ``cfg.profile``: the linear MLPs of §4 and
-    every CNN of :data:`~vfnb.experiments.common.BOOK_ARCHITECTURES` (§2 and §5)."""
-    lcfg = resolve("linear", profile=cfg.profile, data_root=cfg.data_root, cache_dir=cfg.cache_dir)
-    out = {"linear MLP (§4)": linear.edge_configs(lcfg)}
+    every CNN of :data:`~vfnb.chapters.common.BOOK_ARCHITECTURES` (§2 and §5)."""
+    check_config(cfg, "experimental_setup")
+    lcfg = resolve("linear_networks", profile=cfg.profile, data_root=cfg.data_root, cache_dir=cfg.cache_dir)
+    ccfg = cnn_config(cfg)
+    out = {"linear MLP (§4)": linear_networks.edge_configs(lcfg)}
     for model, norm in BOOK_ARCHITECTURES:
         name = {"vgg16": "VGG16", "resnet20": "ResNet20"}.get(model, model) + ("" if norm == "none" else f"-{norm.upper()}")
-        out[name] = common_edge_configs(cfg, model=model, norm=norm, width=width_for(cfg, model))
+        out[name] = common_edge_configs(ccfg, model=model, norm=norm, width=width_for(ccfg, model))
     return out
 
 

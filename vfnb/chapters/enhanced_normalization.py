@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import Config, resolve
+from ..config import Config
 from ..data import VisionData, calibration_subset, load_dataset, train_val_split
 from ..diagnose import FeatureBias, LogitStats, VFCurve, feature_bias, logit_stats, vf_curve
 from ..evaluate import evaluate, interpolation_curve
@@ -41,7 +41,8 @@ from ..models import device_of
 from ..normalize import conv_linear_layers, layer_stats, remove_bias, repair, rescale
 from ..zipit import Zip, zipit_matching
 from ..zoo import info
-from .common import edge_configs, edge_models, example_input, test_data
+from .claims import TIE, Claims, all_of, compare, noise_margin
+from .common import check_config, edge_configs, edge_models, example_input, test_data
 
 METHODS = ("no normalization", "REPAIR", "RESCALE", "bias removal", "bias calibration")
 MATCHINGS = ("weight matching", "ZipIt!")
@@ -120,8 +121,7 @@ class NormalizationResult:
 
 # ---------------------------------------------------------------------------------------------------
 def _check(cfg: Config) -> None:
-    if cfg.experiment != "normalization":
-        raise ValueError(f"expected a config of experiment 'normalization', got {cfg.experiment!r}")
+    check_config(cfg, "enhanced_normalization")
     if cfg.norm != "none":
         raise ValueError(f"this chapter compares normalizations of VGG models *without* norm layers (bias "
                          f"calibration refuses BatchNorm); got norm={cfg.norm!r}")
@@ -307,9 +307,7 @@ def recipe_row(cfg: Config, weight_decay: float, res: NormalizationResult | None
         offsets = {m: res.diagnosis[("weight matching", m, res.nearest(a))].logits.offset_ratio
                    for m in ("REPAIR", "RESCALE")}
     else:
-        values = {name: cfg[name] for name in cfg if name != "profile"}
-        values["weight_decay"] = weight_decay
-        cfg2 = resolve("normalization", cfg.profile, **values)
+        cfg2 = cfg.replace(weight_decay=weight_decay)
         edges = edge_models(cfg2, seeds=list(cfg.seeds[:2]), progress=progress)
         x = example_input(calib, device_of(edges[0]))
         wm = weight_matching(edges[0], edges[1], x, seed=0)
@@ -335,9 +333,7 @@ def training_table(cfg: Config) -> list[dict[str, Any]]:
     """Per edge model (the main pair and the weight-decay comparison): recipe and stored metrics."""
     rows = []
     for wd in [cfg.weight_decay] + [w for w in cfg.compare_weight_decay if w != cfg.weight_decay]:
-        values = {name: cfg[name] for name in cfg if name != "profile"}
-        values["weight_decay"] = wd
-        for c in edge_configs(resolve("normalization", cfg.profile, **values))[:2]:
+        for c in edge_configs(cfg.replace(weight_decay=wd))[:2]:
             meta = info(c, cfg.cache_dir)
             rows.append({"model": c.model, "seed": c.seed, "weight decay": c.weight_decay, "epochs": c.epochs,
                          "lr": c.lr, "key": c.key, "train loss": round(meta["metrics"]["train_loss"], 4),
@@ -500,62 +496,56 @@ def explorer_figure(res: NormalizationResult, method: str, alpha: float):
 
 # ---------------------------------------------------------------------------------------------------
 def claims(res: NormalizationResult) -> list[dict[str, Any]]:
-    """The paper's §5.3 / A.5.1 / A.6 / A.4 claims, each checked on this run. A comparison holds ("yes")
-    only beyond two standard errors of the test accuracy (:func:`noise_margin`), else "within noise"."""
-    out = []
-    n = res.n_eval
-
-    def add(claim: str, holds: bool | str, evidence: str) -> None:
-        out.append({"claim": claim, "holds here": holds if isinstance(holds, str) else ("yes" if holds else "no"),
-                    "evidence": evidence})
-
+    """The paper's §5.3 / A.5.1 / A.6 / A.4 claims, each checked on this run. A comparison of accuracies
+    holds ("yes") only beyond two standard errors of the test accuracy (:func:`vfnb.chapters.claims.noise_margin`),
+    else it is "within noise"."""
+    c = Claims(n=res.n_eval or None)
     a = res.cfg.alpha
     wm, zp = MATCHINGS
     acc = {(m, k): res.at(m, k) for m in MATCHINGS for k in METHODS}
     d = float(np.interp(a, res.direct["alpha"], res.direct["accuracy"]))
-    add("Direct merging without alignment falls to near chance", d < 0.3,
-        f"direct α={a:g}: {d:.3f} (edges {res.edge_accuracy:.3f})")
-    add("REPAIR improves on the un-normalized merge (WM)", verdict(acc[(wm, "REPAIR")], acc[(wm, "no normalization")], n),
-        f"WM: REPAIR {acc[(wm, 'REPAIR')]:.3f} vs none {acc[(wm, 'no normalization')]:.3f}")
+    c.add("Direct merging without alignment falls to near chance", d < 0.3,
+          f"direct α={a:g}: {d:.3f} (edges {res.edge_accuracy:.3f})")
+    c.add("REPAIR improves on the un-normalized merge (WM)", c.greater(acc[(wm, "REPAIR")], acc[(wm, "no normalization")]),
+          f"WM: REPAIR {acc[(wm, 'REPAIR')]:.3f} vs none {acc[(wm, 'no normalization')]:.3f}")
     for k in ("RESCALE", "bias calibration", "bias removal"):
         for m in MATCHINGS:
-            add(f"{k} beats REPAIR at the midpoint ({m})", verdict(acc[(m, k)], acc[(m, "REPAIR")], n),
-                f"{k} {acc[(m, k)]:.3f} vs REPAIR {acc[(m, 'REPAIR')]:.3f} (±{noise_margin(acc[(m, k)], acc[(m, 'REPAIR')], n):.3f})"
-                + (f"; k = {res.k[m]}, chosen on validation" if k == "bias removal" else ""))
+            c.add(f"{k} beats REPAIR at the midpoint ({m})", c.greater(acc[(m, k)], acc[(m, "REPAIR")]),
+                  f"{k} {acc[(m, k)]:.3f} vs REPAIR {acc[(m, 'REPAIR')]:.3f} (±{c.margin(acc[(m, k)], acc[(m, 'REPAIR')]):.3f})"
+                  + (f"; k = {res.k[m]}, chosen on validation" if k == "bias removal" else ""))
     others = [k for k in METHODS if k != "RESCALE"]
-    rank = {"no": 0, "within noise": 1, "yes": 2}
-    worst = min((verdict(acc[(zp, "RESCALE")], acc[(zp, k)], n) for k in others), key=rank.get)
     best_other = max(others, key=lambda k: acc[(zp, k)])
-    add("With ZipIt!, RESCALE is the best normalization", worst,
-        f"RESCALE {acc[(zp, 'RESCALE')]:.3f}; best other: {best_other} {acc[(zp, best_other)]:.3f}")
-    c = res.removal[wm]
-    kk = min(5, len(c["k"]) - 1)
-    add("Backward bias removal beats forward removal (A.6, WM, α = 0.5)",
-        verdict(float(np.mean(c["backward (test)"][1:])), float(np.mean(c["forward (test)"][1:])), n),
-        f"mean over k≥1: backward {np.mean(c['backward (test)'][1:]):.3f} vs forward "
-        f"{np.mean(c['forward (test)'][1:]):.3f}; at k={kk}: {c['backward (test)'][kk]:.3f} vs "
-        f"{c['forward (test)'][kk]:.3f}")
-    add("Removing the last 5–6 biases is (near) optimal (A.6, WM)", 4 <= res.k[wm] <= 7,
-        f"k chosen on validation: {res.k[wm]} (WM), {res.k[zp]} (ZipIt!)")
+    c.add("With ZipIt!, RESCALE is the best normalization",
+          all_of(*(c.greater(acc[(zp, "RESCALE")], acc[(zp, k)]) for k in others)),
+          f"RESCALE {acc[(zp, 'RESCALE')]:.3f}; best other: {best_other} {acc[(zp, best_other)]:.3f}")
+    r = res.removal[wm]
+    kk = min(5, len(r["k"]) - 1)
+    c.add("Backward bias removal beats forward removal (A.6, WM, α = 0.5)",
+          c.greater(float(np.mean(r["backward (test)"][1:])), float(np.mean(r["forward (test)"][1:]))),
+          f"mean over k≥1: backward {np.mean(r['backward (test)'][1:]):.3f} vs forward "
+          f"{np.mean(r['forward (test)'][1:]):.3f}; at k={kk}: {r['backward (test)'][kk]:.3f} vs "
+          f"{r['forward (test)'][kk]:.3f}")
+    c.add("Removing the last 5–6 biases is (near) optimal (A.6, WM)", 4 <= res.k[wm] <= 7,
+          f"k chosen on validation: {res.k[wm]} (WM), {res.k[zp]} (ZipIt!)")
     ab = res.nearest(a)
     last = {k: res.diagnosis[(wm, k, ab)].vf.bound[-1] for k in METHODS}
-    add("REPAIR and RESCALE lift the vanishing-feature bound of the merged model (A.5.1, WM)",
-        all(last[k] > 3 * last["no normalization"] for k in ("REPAIR", "RESCALE")),
-        "bound ε_L at the last layer: " + ", ".join(f"{k} {v:.3g}" for k, v in last.items()))
-    add("Bias calibration lifts the vanishing-feature bound (A.5.1, WM)",
-        last["bias calibration"] > 3 * last["no normalization"],
-        f"ε_L {last['bias calibration']:.3g} against {last['no normalization']:.3g} without normalization")
+    c.add("REPAIR and RESCALE lift the vanishing-feature bound of the merged model (A.5.1, WM)",
+          bool(all(last[k] > 3 * last["no normalization"] for k in ("REPAIR", "RESCALE"))),
+          "bound ε_L at the last layer: " + ", ".join(f"{k} {v:.3g}" for k, v in last.items()))
+    c.add("Bias calibration lifts the vanishing-feature bound (A.5.1, WM)",
+          bool(last["bias calibration"] > 3 * last["no normalization"]),
+          f"ε_L {last['bias calibration']:.3g} against {last['no normalization']:.3g} without normalization")
     if len(res.compare) > 1:
-        rows = sorted(res.compare, key=lambda r: r["weight decay"])
+        rows = sorted(res.compare, key=lambda row: row["weight decay"])
         lo, hi = rows[0], rows[-1]
-        add(f"Weaker weight decay makes WM + REPAIR worse (A.4; {lo['weight decay']:g} vs {hi['weight decay']:g})",
-            verdict(hi["REPAIR"], lo["REPAIR"], n), f"REPAIR {hi['REPAIR']:.3f} → {lo['REPAIR']:.3f}")
-        robust = lo["RESCALE"] > max(0.5, hi["RESCALE"] - noise_margin(hi["RESCALE"], lo["RESCALE"], n))
-        add(f"RESCALE stays robust with weaker weight decay (A.4; {lo['weight decay']:g}, WM)", robust,
-            f"RESCALE {hi['RESCALE']:.3f} → {lo['RESCALE']:.3f}")
-        add(f"RESCALE beats REPAIR at the midpoint with weaker weight decay ({lo['weight decay']:g}, WM)",
-            verdict(lo["RESCALE"], lo["REPAIR"], n), f"RESCALE {lo['RESCALE']:.3f} vs REPAIR {lo['REPAIR']:.3f}")
-    return out
+        c.add(f"Weaker weight decay makes WM + REPAIR worse (A.4; {lo['weight decay']:g} vs {hi['weight decay']:g})",
+              c.greater(hi["REPAIR"], lo["REPAIR"]), f"REPAIR {hi['REPAIR']:.3f} → {lo['REPAIR']:.3f}")
+        c.add(f"RESCALE stays robust with weaker weight decay (A.4; {lo['weight decay']:g}, WM)",
+              bool(lo["RESCALE"] > 0.5) and c.at_least(lo["RESCALE"], hi["RESCALE"]),
+              f"RESCALE {hi['RESCALE']:.3f} → {lo['RESCALE']:.3f} (±{c.margin(hi['RESCALE'], lo['RESCALE']):.3f})")
+        c.add(f"RESCALE beats REPAIR at the midpoint with weaker weight decay ({lo['weight decay']:g}, WM)",
+              c.greater(lo["RESCALE"], lo["REPAIR"]), f"RESCALE {lo['RESCALE']:.3f} vs REPAIR {lo['REPAIR']:.3f}")
+    return c.table()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -564,21 +554,8 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f} %"
 
 
-def noise_margin(a: float, b: float, n: int) -> float:
-    """Two standard errors of the difference of two accuracies measured on ``n`` test images each
-    (binomial); smaller differences are within sampling noise."""
-    n = max(int(n), 1)
-    return 2.0 * float(np.sqrt((a * (1 - a) + b * (1 - b)) / n))
-
-
-def verdict(a: float, b: float, n: int) -> str:
-    """"yes" if ``a`` beats ``b`` beyond :func:`noise_margin`, "no" if it is beaten, else "within noise"."""
-    m = noise_margin(a, b, n)
-    return "yes" if a - b > m else "no" if b - a > m else "within noise"
-
-
 def _vs(a: float, b: float, n: int) -> str:
-    return {"yes": "beats", "no": "falls behind", "within noise": "ties with (within noise)"}[verdict(a, b, n)]
+    return {True: "beats", False: "falls behind", TIE: "ties with (within noise)"}[compare(a, b, n)]
 
 
 def midpoint_text(res: NormalizationResult) -> str:

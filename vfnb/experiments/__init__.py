@@ -1,1 +1,0 @@
-"""One module per chapter: the computations behind its figures, so notebooks stay thin."""
