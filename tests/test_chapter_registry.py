@@ -43,7 +43,7 @@ def test_parameters_cell_declares_exactly_the_experiment(chapter: Path):
 def test_chapter_builds_its_config_with_one_short_call(chapter: Path):
     cid = book.chapter_id(chapter)
     code = [c.source for c in nbformat.read(chapter, as_version=4).cells if c.cell_type == "code"]
-    assert f'cfg = chapter_config("{cid}", globals())' in code[1]
+    assert f'cfg = vfnb.chapter_config("{cid}", globals())' in code[1]
     assert f"from vfnb.chapters import {cid}" in code[1]
     text = "\n".join(code)
     assert "vfnb.resolve(" not in text and "vfnb.experiments" not in text

@@ -4,7 +4,8 @@ import torch
 
 from vfnb import build_model, feature_bias, interpolate, upper_bound, vf_ratio
 from vfnb.data import VisionData
-from vfnb.diagnose import layer_order, rescaled_features, weight_scale
+from vfnb.diagnose import rescaled_features, weight_scale
+from vfnb.structure import execution_order as layer_order
 
 
 def tiny_data(n=50, seed=0):

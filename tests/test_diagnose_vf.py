@@ -121,7 +121,7 @@ def test_figures_draw():
 
 
 def test_scaling_matrix_statistics():
-    from vfnb.chapters.merging_through_vf import scaling_matrix
+    from vfnb.diagnose import scaling_matrix
     w = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
     same = scaling_matrix(w, w)
     assert same["sign agreement"] == 1.0 and same["midpoint scale"] == pytest.approx(1.0)

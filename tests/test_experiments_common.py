@@ -33,14 +33,14 @@ def test_align_methods_and_errors():
     kw = dict(in_channels=1, num_classes=10, input_size=28, width=0.0625)
     torch.manual_seed(0)
     a = vfnb.build_model("vgg11", **kw).eval()
-    perm = vfnb.random_permutation(vfnb.permutation_spec(a, common.example_input(data)), seed=3)
+    perm = vfnb.random_permutation(vfnb.permutation_spec(a, vfnb.activations.example_input(data)), seed=3)
     b = vfnb.apply_permutation(a, perm)
     assert common.align(a, b, "direct", data) is None
     assert common.aligned(b, None) is b
     for method in ("wm", "am"):
         found = common.align(a, b, method, data)
         realigned = common.aligned(b, found)
-        x = common.example_input(data)
+        x = vfnb.activations.example_input(data)
         for (k, v), w in zip(a.state_dict().items(), realigned.state_dict().values()):
             assert torch.equal(v, w), f"{method}: {k} not restored"
         assert torch.allclose(a(x), realigned(x), atol=1e-6)
@@ -86,7 +86,7 @@ def test_fig4_names_the_fix_it_applies():
         torch.manual_seed(1)
         b = vfnb.build_model("vgg11", norm=norm, **kw).eval()
         assert fig4_fix(a) == fix
-        am = vfnb.activation_matching(a, b, mdata, example_input=common.example_input(mdata))
+        am = vfnb.activation_matching(a, b, mdata, example_input=vfnb.activations.example_input(mdata))
         got, curves = fig4_curves(a, b, am, data, mdata, [0, 9], 0.5)
         assert got == fix and set(curves) == {(m, n) for m in ("wm", "am") for n in ("none", fix)}
         if fix == "reset":  # the value is RESET's: recompute the fully permuted AM point

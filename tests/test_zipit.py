@@ -87,7 +87,7 @@ def test_recovers_a_permutation_with_beta_zero(key, data):
 def test_one_to_one_zip_is_interpolation_of_the_permuted_model(key, data):
     """With α = β = 0 every cluster is one unit of each model: zipping is θ_w = (1−w)θ_a + w·π(θ_b)."""
     a, b = live_model(key, data, seed=0), live_model(key, data, seed=1)
-    z = zipit_matching(a, b, data, alpha=0.0, beta=0.0)
+    z = zipit_matching(a, b, data, decay=0.0, beta=0.0)
     ref_b = apply_permutation(b, z.as_permutation())
     for w in (0.0, 0.25, 1.0):
         merged, ref = z.merge(a, b, weight=w).state_dict(), interpolate(a, ref_b, w).state_dict()
@@ -101,7 +101,7 @@ def test_bias_calibration_and_repair_compose_with_zipit(data):
     from vfnb.merge import calibrate_bias
     from vfnb.normalize import layer_stats, repair
     a, b = live_model("vgg11", data, seed=0), live_model("vgg11", data, seed=1)
-    z = zipit_matching(a, b, data, alpha=0.0, beta=0.0)
+    z = zipit_matching(a, b, data, decay=0.0, beta=0.0)
     ref = calibrate_bias(a, apply_permutation(b, z.as_permutation()), 0.3).state_dict()
     got = z.merge(a, b, weight=0.3, bias_calibration=True).state_dict()
     for k, v in ref.items():
@@ -127,10 +127,10 @@ def test_greedy_rules_on_a_hand_made_correlation():
                       [0.9, 1.0, 0.3, 0.7],
                       [0.8, 0.3, 1.0, 0.1],
                       [0.2, 0.7, 0.1, 1.0]])
-    U, counts = match_features(c, alpha=0.3, beta=1.0)  # budget ⌊1·⌊2/2⌋⌋ = 1 within-model merge per model
+    U, counts = match_features(c, decay=0.3, beta=1.0)  # budget ⌊1·⌊2/2⌋⌋ = 1 within-model merge per model
     assert U.T.tolist() == [[1, 1, 0, 0], [0, 0, 1, 1]]  # a0+a1 (0.9), then b0+b1 (0.1 beats 0.3·min)
     assert counts["within_a"] == counts["within_b"] == 1 and counts["cross"] == 0
-    U, counts = match_features(c, alpha=0.3, beta=0.0)
+    U, counts = match_features(c, decay=0.3, beta=0.0)
     assert U.T.tolist() == [[1, 0, 1, 0], [0, 1, 0, 1]]  # a0+b0 (0.8), then a1+b1 (0.7 beats 0.3·min)
     assert counts["cross"] == 2
 
@@ -139,9 +139,9 @@ def test_greedy_rules_on_a_hand_made_correlation():
                       [0.5, 1.0, 0.8, -0.5],
                       [0.9, 0.8, 1.0, -0.3],
                       [-0.2, -0.5, -0.3, 1.0]])
-    U, _ = match_features(c, alpha=0.3, beta=0.0)  # (a0,b0) at 0.9; then 0.3·min(0.5, 0.8)=0.15 > −0.5
+    U, _ = match_features(c, decay=0.3, beta=0.0)  # (a0,b0) at 0.9; then 0.3·min(0.5, 0.8)=0.15 > −0.5
     assert U.T.tolist() == [[1, 1, 1, 0], [0, 0, 0, 1]]
-    U, _ = match_features(c, alpha=0.0, beta=0.0)  # α = 0: merged once, never again
+    U, _ = match_features(c, decay=0.0, beta=0.0)  # α = 0: merged once, never again
     assert U.T.tolist() == [[1, 0, 1, 0], [0, 1, 0, 1]]
 
 
@@ -229,8 +229,8 @@ def test_errors(data):
     other = build_model("vgg11", norm="none", width=0.25, in_channels=1, input_size=28)
     with pytest.raises(ValueError, match="shape mismatch"):
         zipit_matching(a, other, x)
-    for kw in ({"alpha": 1.5}, {"beta": -0.1}, {"alpha": math.nan}):
-        with pytest.raises(ValueError, match="alpha|beta"):
+    for kw in ({"decay": 1.5}, {"beta": -0.1}, {"decay": math.nan}):
+        with pytest.raises(ValueError, match="decay|beta"):
             zipit_matching(a, a, x, **kw)
     with pytest.raises(ValueError, match="at least one batch"):
         zipit_matching(a, a, x[:0])

@@ -18,10 +18,6 @@ from .activations import labelled_batches, to_model
 from .structure import BN_TYPES, WEIGHT_TYPES, execution_order
 from .validate import check_finite
 
-#: ``layer_order(model, example)``: the measured layers in execution order (:func:`vfnb.structure.execution_order`).
-layer_order = execution_order
-
-
 @torch.no_grad()
 def layer_outputs(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """The outputs of the named modules for input ``x`` (one forward pass in eval mode; the mode is restored)."""
@@ -85,7 +81,7 @@ def feature_bias(model: nn.Module, data: Any, batch_size: int = 1000,
     if len(data) < 2:
         raise ValueError("feature_bias needs at least 2 samples to estimate a variance")
     first = next(iter(labelled_batches(data, 1, model)))[0]
-    names = list(names) if names is not None else layer_order(model, first)
+    names = list(names) if names is not None else execution_order(model, first)
     modules = dict(model.named_modules())
     edge = [n for n in names if n not in modules]
     aliases = {n: [n] for n in names}
@@ -136,6 +132,20 @@ def weight_scale(model: nn.Module) -> dict[str, np.ndarray | list[str]]:
     if not names:
         raise ValueError(f"{type(model).__name__} has no conv or linear layers")
     return {"names": names, "weight": np.array(w), "bias": np.array(b)}
+
+
+def scaling_matrix(w0: torch.Tensor, w1: torch.Tensor) -> dict[str, float]:
+    """Statistics of the elementwise scaling matrix W0 ⊘ W1 (paper §5.2 "Permutation").
+
+    ``sign agreement``: fraction of entries with W0·W1 > 0 (½ for unrelated weights, 1 for equal ones);
+    ``median W0/W1``; ``midpoint scale``: ‖(W0+W1)/2‖_F / mean(‖W0‖_F, ‖W1‖_F) (1 when the two agree,
+    about 0.71 when they are unrelated, so the average cancels).
+    """
+    a, b = w0.detach().double().flatten(), w1.detach().double().flatten()
+    ratio = a / torch.where(b == 0, torch.full_like(b, 1e-30), b)
+    return {"sign agreement": float((a * b > 0).double().mean()),
+            "median W0/W1": float(ratio.median()),
+            "midpoint scale": float(((a + b) / 2).norm() / ((a.norm() + b.norm()) / 2))}
 
 
 def rescaled_features(fb: FeatureBias, merged: nn.Module, edges: Sequence[nn.Module]) -> np.ndarray:
@@ -233,7 +243,7 @@ def vf_curve(model: nn.Module, references: Sequence[nn.Module | FeatureBias], da
         raise TypeError(f"references must be models or FeatureBias objects, got {bad[0]}")
     if names is None and hasattr(model, "layer_aliases"):  # measured on the edge models' layers
         r0 = references[0]
-        names = r0.names if isinstance(r0, FeatureBias) else layer_order(r0, next(iter(labelled_batches(data, 1, r0)))[0])
+        names = r0.names if isinstance(r0, FeatureBias) else execution_order(r0, next(iter(labelled_batches(data, 1, r0)))[0])
     fb = feature_bias(model, data, batch_size=batch_size, names=names)
     refs = [r if isinstance(r, FeatureBias) else feature_bias(r, data, batch_size=batch_size, names=fb.names)
             for r in references]

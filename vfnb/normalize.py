@@ -90,6 +90,9 @@ class Fix(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+    def __hash__(self) -> int:  # equal to its value, so dict keys may be given as the string too
+        return hash(self.value)
+
 
 _LABELS = {Fix.NONE: "no normalization", Fix.REPAIR: "REPAIR", Fix.RESCALE: "RESCALE", Fix.RESET: "RESET",
            Fix.BIAS_REMOVAL: "bias removal", Fix.BIAS_CALIBRATION: "bias calibration"}

@@ -213,7 +213,7 @@ def plot_scaling_matrix(axes, rows: Sequence[dict], samples: dict[str, np.ndarra
     ``axes[0]``: histogram of the entries of W0 ⊘ W1 of one layer within [−3, 3] (all ones would
     mean identical weights). ``axes[1]``: per layer, the fraction of entries with W0·W1 > 0 and the
     midpoint scale ‖(W0+W1)/2‖ / mean‖W_i‖, from ``rows`` with keys ``"sign agreement, <name>"`` and
-    ``"midpoint scale, <name>"`` (as :func:`vfnb.chapters.merging_through_vf.scaling_matrix` rows).
+    ``"midpoint scale, <name>"`` (as :func:`vfnb.diagnose.scaling_matrix` rows).
     """
     if not samples or not rows:
         raise ValueError("plot_scaling_matrix needs ratio samples and per-layer rows")

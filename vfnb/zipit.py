@@ -16,7 +16,7 @@ The input and the logits are never merged (``U⁽⁰⁾ = I``; the classifier's 
 with the model weights). The merged model has the architecture of the edge models.
 
 The matching (:func:`match_features`) is ZipIt!'s greedy algorithm. The vanishing-feature paper runs
-ZipIt!'s original code (appendix A.3), whose defaults are α = 0.3 and β = 0.125. The two
+ZipIt!'s original code (appendix A.3), whose defaults are α = 0.3 (``decay`` here) and β = 0.125. The two
 hyperparameters are defined as in ZipIt! §4.3 and that code (``match_tensors_zipit``):
 
 - **α (repeated matching)**: similarities are a correlation matrix C (2n × 2n) of the features,
@@ -75,8 +75,9 @@ def _check_unit(name: str, value: float) -> float:
 # Greedy matching on a correlation matrix.
 
 @torch.no_grad()
-def match_features(corr: torch.Tensor, alpha: float = 0.3, beta: float = 0.125) -> tuple[torch.Tensor, dict]:
-    """ZipIt!'s greedy feature matching (ZipIt! §4.3; see the module docstring for α and β).
+def match_features(corr: torch.Tensor, decay: float = 0.3, beta: float = 0.125) -> tuple[torch.Tensor, dict]:
+    """ZipIt!'s greedy feature matching (ZipIt! §4.3; see the module docstring for α and β). ZipIt!'s α is
+    called ``decay`` here, so that it is never confused with the merging coefficient α.
 
     ``corr`` is the (2n × 2n) similarity of the features ``[f_a; f_b]`` (rows 0..n−1 model a).
     Returns the unmerge matrix ``U`` (2n × n, 0/1; column c lists the members of cluster c; clusters
@@ -84,7 +85,7 @@ def match_features(corr: torch.Tensor, alpha: float = 0.3, beta: float = 0.125) 
     ``forced`` merges that broke the α/β rules because no allowed pair was left (only possible
     for α = 0), and ``mean_similarity`` of the merged pairs.
     """
-    alpha, beta = _check_unit("alpha", alpha), _check_unit("beta", beta)
+    decay, beta = _check_unit("decay", decay), _check_unit("beta", beta)
     if not isinstance(corr, torch.Tensor) or corr.dim() != 2 or corr.shape[0] != corr.shape[1] \
             or corr.shape[0] % 2 or corr.shape[0] == 0:
         raise ValueError(f"corr must be a square 2n × 2n tensor, got shape {tuple(getattr(corr, 'shape', ()))}")
@@ -126,8 +127,8 @@ def match_features(corr: torch.Tensor, alpha: float = 0.3, beta: float = 0.125) 
             counts["cross"] += 1
             pure[p] = -1
         row = torch.minimum(link[p], link[q])
-        if alpha > 0:
-            row = row * alpha
+        if decay > 0:
+            row = row * decay
         else:
             frozen[p] = True
         link[p], link[:, p] = row, row
@@ -143,7 +144,7 @@ def match_features(corr: torch.Tensor, alpha: float = 0.3, beta: float = 0.125) 
     counts["mean_similarity"] = total_sim / max(n, 1)
     if counts["forced"]:
         warnings.warn(f"ZipIt!: {counts['forced']} of {n} merges broke the α/β rules (no allowed pair was "
-                      "left); use α > 0 or a larger β", stacklevel=2)
+                      "left); use decay > 0 or a larger beta", stacklevel=2)
     return U, counts
 
 
@@ -259,7 +260,7 @@ class Zip:
     """The result of :func:`zipit_matching`: one :class:`ZipGroup` per merge point of ``spec``."""
     spec: PermutationSpec
     groups: tuple[ZipGroup, ...]
-    alpha: float
+    decay: float
     beta: float
 
     @property
@@ -399,7 +400,7 @@ class Zip:
         cross = sum(g.counts["cross"] for g in self.groups)
         within = sum(g.counts["within_a"] + g.counts["within_b"] for g in self.groups)
         return (f"Zip({self.spec.model_type}, {len(self.groups)} merge points, {cross} cross-model and {within} "
-                f"within-model merges, alpha={self.alpha}, beta={self.beta})")
+                f"within-model merges, decay={self.decay}, beta={self.beta})")
 
 
 def _contract(t: torch.Tensor, axis: int, block: int, A: torch.Tensor) -> torch.Tensor:
@@ -416,19 +417,19 @@ def _contract(t: torch.Tensor, axis: int, block: int, A: torch.Tensor) -> torch.
 
 @torch.no_grad()
 def zipit_matching(model_a: nn.Module, model_b: nn.Module, data: Any, example_input: torch.Tensor | None = None,
-                   alpha: float = 0.3, beta: float = 0.125, batch_size: int = 500,
+                   decay: float = 0.3, beta: float = 0.125, batch_size: int = 500,
                    max_batches: int | None = None) -> Zip:
     """ZipIt! (Stoica et al. 2024; paper §5.3, appendix A.8.2): merge/unmerge matrices for every layer.
 
     Features are the outputs of each conv/linear layer after its norm and nonlinearity; their
     2n × 2n correlation is accumulated in float64 in one streaming pass over ``data`` (a VisionData
     read without augmentation, a tensor, or an iterable of batches), then matched greedily by
-    :func:`match_features` with ZipIt!'s α (decay of a merged feature's similarities) and β
+    :func:`match_features` with ZipIt!'s α (``decay``: decay of a merged feature's similarities) and β
     (same-model budget). Only sequential networks (MLP without residuals, VGG with or without
     norms) are supported: residual connections raise :class:`~vfnb.graph.UnsupportedOperationError`.
     Build the merged model with :meth:`Zip.merge`.
     """
-    alpha, beta = _check_unit("alpha", alpha), _check_unit("beta", beta)
+    decay, beta = _check_unit("decay", decay), _check_unit("beta", beta)
     check_same_architecture(model_a, model_b)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -443,6 +444,6 @@ def zipit_matching(model_a: nn.Module, model_b: nn.Module, data: Any, example_in
                                 max_batches=max_batches)
     groups = []
     for g, c in zip(spec.groups, corrs):
-        U, counts = match_features(c, alpha, beta)
+        U, counts = match_features(c, decay, beta)
         groups.append(ZipGroup(g.index, g.producers[0], g.size, U, counts))
-    return Zip(spec, tuple(groups), alpha, beta)
+    return Zip(spec, tuple(groups), decay, beta)

@@ -1,5 +1,5 @@
 """What every merging/pruning chapter shares: edge models from the zoo, the evaluation and
-calibration sets, an example input, the aligned partner of edge model 0, and (§5.1 and §5.2) one
+calibration sets, the aligned partner of edge model 0, and (§5.1 and §5.2) one
 architecture's edge pair merged at α with its vanishing-feature curve.
 
 A chapter's config (:func:`vfnb.config.chapter_config`) names the architecture (``model``,
@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
+from ..activations import example_input
 from ..config import EXPERIMENTS, Config
 from ..data import VisionData, calibration_subset, load_dataset
 from ..diagnose import FeatureBias, LogitStats, VFCurve, feature_bias, logit_stats, vf_curve
@@ -86,12 +86,6 @@ def match_data(cfg: Config) -> VisionData:
     return train if cfg.n_match >= len(train) else calibration_subset(train, cfg.n_match, seed=1)
 
 
-def example_input(data: VisionData, device: torch.device | None = None) -> torch.Tensor:
-    """One normalized image of ``data`` as a batch of one (what ``permutation_spec`` traces)."""
-    x, _ = next(iter(data.batches(1, augment=False, device=device)))
-    return x
-
-
 def align(model_a: nn.Module, model_b: nn.Module, method: str, data: VisionData,
           layers: int | None = None, seed: int = 0) -> Permutation | None:
     """The permutation that aligns ``model_b`` to ``model_a``: ``"wm"`` weight matching,
@@ -103,7 +97,7 @@ def align(model_a: nn.Module, model_b: nn.Module, method: str, data: VisionData,
         raise ValueError(f"unknown alignment {method!r}; choose one of {', '.join(ALIGNMENTS)}")
     if method == "direct":
         return None
-    x = example_input(data, next(model_a.parameters()).device)
+    x = example_input(data, model=model_a)
     if method == "wm":
         return weight_matching(model_a, model_b, x, seed=seed, layers=layers)
     return activation_matching(model_a, model_b, data, example_input=x, layers=layers)

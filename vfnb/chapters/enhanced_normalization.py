@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..activations import example_input
 from ..config import Config
 from ..data import VisionData, calibration_subset, load_dataset, train_val_split
 from ..diagnose import FeatureBias, LogitStats, VFCurve, feature_bias, logit_stats, vf_curve
@@ -37,14 +38,16 @@ from ..evaluate import evaluate, interpolation_curve
 from ..graph import Permutation, apply_permutation
 from ..matching import weight_matching
 from ..merge import calibrate_bias, interpolate
-from ..models import device_of
-from ..normalize import conv_linear_layers, layer_stats, remove_bias, repair, rescale
+from ..normalize import Fix, layer_stats, remove_bias, repair, rescale, weighted_stats
+from ..structure import conv_linear_layers
 from ..zipit import Zip, zipit_matching
 from ..zoo import info
 from .claims import TIE, Claims, all_of, compare, noise_margin
-from .common import check_config, edge_configs, edge_models, example_input, test_data
+from .common import check_config, edge_configs, edge_models, test_data
 
-METHODS = ("no normalization", "REPAIR", "RESCALE", "bias removal", "bias calibration")
+#: The fixes compared, by their labels (:class:`vfnb.normalize.Fix`).
+FIXES = (Fix.NONE, Fix.REPAIR, Fix.RESCALE, Fix.BIAS_REMOVAL, Fix.BIAS_CALIBRATION)
+METHODS = tuple(f.label for f in FIXES)
 MATCHINGS = ("weight matching", "ZipIt!")
 #: One colour per method, the same in every figure.
 METHOD_COLORS = {"no normalization": "#7f8c8d", "REPAIR": "#c0392b", "RESCALE": "#2980b9",
@@ -142,17 +145,13 @@ def splits(cfg: Config) -> tuple[VisionData, VisionData]:
 
 def align(cfg: Config, edges: list[nn.Module], calib: VisionData) -> Pair:
     """Weight matching and ZipIt! for one pair of edge models, and their REPAIR statistics."""
-    x = example_input(calib, device_of(edges[0]))
+    x = example_input(calib, model=edges[0])
     wm = weight_matching(edges[0], edges[1], x, seed=0)
-    z = zipit_matching(edges[0], edges[1], calib, example_input=x, alpha=cfg.zip_alpha, beta=cfg.zip_beta)
+    z = zipit_matching(edges[0], edges[1], calib, example_input=x, decay=cfg.zip_alpha, beta=cfg.zip_beta)
     partner = apply_permutation(edges[1], wm)
     stats = {"edge0": layer_stats(edges[0], calib), "wm partner": layer_stats(partner, calib),
              "edge1": layer_stats(edges[1], calib)}
     return Pair(edges, wm, z, stats)
-
-
-def _lerp(sa: dict, sb: dict, alpha: float) -> dict:
-    return {n: ((1 - alpha) * sa[n][0] + alpha * sb[n][0], (1 - alpha) * sa[n][1] + alpha * sb[n][1]) for n in sa}
 
 
 def merged_model(pair: Pair, matching: str, method: str, alpha: float, calib: VisionData, k: int = 0,
@@ -161,23 +160,22 @@ def merged_model(pair: Pair, matching: str, method: str, alpha: float, calib: Vi
     :data:`METHODS`); ``k`` is the number of backward-removed biases for "bias removal"."""
     if matching not in MATCHINGS:
         raise ValueError(f"unknown matching {matching!r}; choose one of {', '.join(MATCHINGS)}")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    fix = Fix.parse(method, FIXES, "method")
     e0, e1 = pair.edges
     wm = matching == "weight matching"
-    if method == "bias calibration":
+    if fix is Fix.BIAS_CALIBRATION:
         return calibrate_bias(e0, pair.partner, alpha) if wm else pair.zip.merge(e0, e1, alpha, bias_calibration=True)
     base = interpolate(e0, pair.partner, alpha) if wm else pair.zip.merge(e0, e1, alpha)
-    if method == "no normalization":
+    if fix is Fix.NONE:
         return base
-    if method == "bias removal":
+    if fix is Fix.BIAS_REMOVAL:
         return remove_bias(base, last=k)
-    targets = (_lerp(pair.stats["edge0"], pair.stats["wm partner"], alpha) if wm
+    targets = (weighted_stats([pair.stats["edge0"], pair.stats["wm partner"]], [1 - alpha, alpha]) if wm
                else pair.zip.target_stats(pair.stats["edge0"], pair.stats["edge1"], alpha))
-    fix = repair if method == "REPAIR" else rescale
+    normalize = repair if fix is Fix.REPAIR else rescale
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
-        out = fix(base, data=calib, targets=targets)
+        out = normalize(base, data=calib, targets=targets)
     if counter is not None:
         counter[method] = counter.get(method, 0) + sum("zero variance" in str(w.message) for w in caught)
     return out
@@ -188,21 +186,19 @@ def removal_curves(pair: Pair, matching: str, calib: VisionData, val: VisionData
                    alpha: float = 0.5, forward: bool = True) -> dict[str, np.ndarray]:
     """Appendix A.6 at α: accuracy after zeroing the biases of the last k ("backward", on validation and
     test images) or of the first k ("forward", test images; only if ``forward``) conv/linear layers,
-    k = 0..L (``test=None``: validation only). Biases are zeroed one more layer at a time, so the model for k is
-    ``vfnb.normalize.remove_bias(base, last=k)`` (or ``first=k``) without re-copying it for every k."""
+    k = 0..L (``test=None``: validation only): ``vfnb.remove_bias(base, last=k)`` (or ``first=k``), applied in
+    place to one copy, one more layer at a time."""
     base = merged_model(pair, matching, "no normalization", alpha, calib)
     layers = conv_linear_layers(base)
     ks = np.arange(len(layers) + 1)
     out: dict[str, list[float]] = {"backward (validation)": []}
-    directions = [("backward", layers[::-1])] + ([("forward", layers)] if forward and test is not None else [])
-    for direction, order in directions:
+    directions = ["backward"] + (["forward"] if forward and test is not None else [])
+    for direction in directions:
         model = copy.deepcopy(base)
-        modules = dict(model.named_modules())
         for k in ks:
-            if k:
-                bias = modules[order[k - 1]].bias
-                if bias is not None:
-                    bias.zero_()
+            with warnings.catch_warnings():  # a layer without bias changes nothing, as expected
+                warnings.simplefilter("ignore", RuntimeWarning)
+                remove_bias(model, **{"last" if direction == "backward" else "first": int(k)}, inplace=True)
             if direction == "backward":
                 out["backward (validation)"].append(evaluate(model, val)["accuracy"])
             if test is not None:
@@ -309,12 +305,11 @@ def recipe_row(cfg: Config, weight_decay: float, res: NormalizationResult | None
     else:
         cfg2 = cfg.replace(weight_decay=weight_decay)
         edges = edge_models(cfg2, seeds=list(cfg.seeds[:2]), progress=progress)
-        x = example_input(calib, device_of(edges[0]))
+        x = example_input(calib, model=edges[0])
         wm = weight_matching(edges[0], edges[1], x, seed=0)
         partner = apply_permutation(edges[1], wm)
         pair = Pair(edges, wm, None, {"edge0": layer_stats(edges[0], calib),  # type: ignore[arg-type]
                                       "wm partner": layer_stats(partner, calib)})
-        base = interpolate(edges[0], partner, a)
         k = choose_k(removal_curves(pair, "weight matching", calib, val, None, alpha=a))
         acc, offsets = {}, {}
         for m in METHODS:

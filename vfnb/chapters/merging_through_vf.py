@@ -21,11 +21,12 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data import VisionData
-from ..diagnose import VFCurve, bn_stats, vf_curve
+from ..diagnose import VFCurve, bn_stats, scaling_matrix, vf_curve
 from ..evaluate import barrier, evaluate
 from ..merge import interpolate
 from ..models import device_of
-from ..normalize import conv_linear_layers, layer_stats, repair, rescale, reset_bn_stats, weighted_stats
+from ..normalize import layer_stats, repair, rescale, reset_bn_stats, weighted_stats
+from ..structure import conv_linear_layers
 from ..train import TrainConfig, recipe
 from ..zoo import get_or_train, resolve_device
 from .claims import Claims, all_of
@@ -34,20 +35,6 @@ from .common import (ALIGNMENT_NAMES, Merged, align, aligned, check_config, load
 
 #: The architectures of this chapter (labels of :data:`vfnb.chapters.common.ARCHS`).
 ARCH_LABELS = ("VGG16", "VGG16-BN", "VGG16-LN", "ResNet20", "ResNet20-LN")
-
-
-def scaling_matrix(w0: torch.Tensor, w1: torch.Tensor) -> dict[str, float]:
-    """Statistics of the elementwise scaling matrix W0 ⊘ W1 (paper §5.2 "Permutation").
-
-    ``sign agreement``: fraction of entries with W0·W1 > 0 (½ for unrelated weights, 1 for equal ones);
-    ``median W0/W1``; ``midpoint scale``: ‖(W0+W1)/2‖_F / mean(‖W0‖_F, ‖W1‖_F) (1 when the two agree,
-    about 0.71 when they are unrelated, so the average cancels).
-    """
-    a, b = w0.detach().double().flatten(), w1.detach().double().flatten()
-    ratio = a / torch.where(b == 0, torch.full_like(b, 1e-30), b)
-    return {"sign agreement": float((a * b > 0).double().mean()),
-            "median W0/W1": float(ratio.median()),
-            "midpoint scale": float(((a + b) / 2).norm() / ((a.norm() + b.norm()) / 2))}
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..activations import example_input
 from ..config import Config
 from ..data import VisionData
 from ..diagnose import weight_scale
@@ -27,7 +28,7 @@ from ..models import device_of
 from ..normalize import layer_stats, repair, reset_bn_stats, weighted_stats
 from ..zoo import info
 from .claims import Claims, all_of
-from .common import check_config, edge_configs, edge_models, example_input, match_data, test_data
+from .common import check_config, edge_configs, edge_models, match_data, test_data
 
 METHODS = ("direct", "weight matching", "activation matching")
 #: The renormalized curves: REPAIR on the chapter's pair, and the BatchNorm pair with and without RESET.
@@ -39,7 +40,7 @@ BN_CURVES = ("BN: weight matching", "BN: activation matching", "BN: weight match
 @torch.no_grad()
 def permutation_invariance(model: nn.Module, data: VisionData, seed: int = 0) -> dict[str, Any]:
     """Permute every hidden unit of ``model`` at random and compare the outputs on ``data``."""
-    x = example_input(data, device_of(model))
+    x = example_input(data, model=model)
     spec = permutation_spec(model, x)
     perm = random_permutation(spec, seed)
     permuted = apply_permutation(model, perm)
@@ -101,7 +102,7 @@ def run(cfg: Config, progress: bool = True) -> MergingResult:
     torch.manual_seed(0)
     edges = edge_models(cfg, seeds=list(cfg.seeds[:2]), progress=progress)
     data, mdata = test_data(cfg), match_data(cfg)
-    x = example_input(data, device_of(edges[0]))
+    x = example_input(data, model=edges[0])
     inv = permutation_invariance(edges[0], data, seed=0)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -151,7 +152,7 @@ def _reset_curves(res: MergingResult, data: VisionData, mdata: VisionData, progr
     cfg = res.cfg
     bn = edge_models(cfg, norm="bn", seeds=list(cfg.seeds[:2]), progress=progress)
     res.bn_edge_metrics = [evaluate(e, data) for e in bn]
-    x = example_input(data, device_of(bn[0]))
+    x = example_input(data, model=bn[0])
     perms = {"weight matching": weight_matching(bn[0], bn[1], x, seed=0),
              "activation matching": activation_matching(bn[0], bn[1], mdata, example_input=x)}
     for method, perm in perms.items():

@@ -20,22 +20,22 @@ from tqdm.auto import tqdm
 from ..cca import cca_matching
 from ..config import Config
 from ..data import VisionData, calibration_subset
-from ..diagnose import FeatureBias, VFCurve, feature_bias, layer_order, upper_bound, vf_ratio
+from ..activations import example_input
+from ..diagnose import feature_bias, vf_curve
 from ..evaluate import evaluate
 from ..flops import count_cost
 from ..graph import Permutation, apply_permutation, identity_permutation
 from ..matching import activation_matching
 from ..merge import interpolate
-from ..models import device_of
-from ..normalize import BN_TYPES, conv_linear_layers, layer_stats, repair, repair_layers, reset_bn_stats
+from ..normalize import Fix, layer_stats, permute_stats, repair, reset_bn_stats, weighted_stats
 from ..pfm import PreserveFirst, partial_zip, preserve_first
+from ..structure import BN_TYPES, execution_order, repair_layers, structure_of
 from ..zoo import info
 from .claims import Claims, all_of
-from .common import align, check_config, edge_configs, edge_models, example_input, match_data, test_data
+from .common import align, check_config, edge_configs, edge_models, match_data, test_data
 
-#: Table columns: (label, normalization) for models without / with BatchNorm (paper Tables 1, 3 / 7, 8).
-COLUMNS = {False: [("W/o norm.", None), ("REPAIR", "repair"), ("RESCALE", "rescale"), ("Bias cal.", "bias_calibration")],
-           True: [("W/o norm.", None), ("RESET", "reset"), ("REPAIR", "repair")]}
+#: Table columns: the fixes compared for models without / with BatchNorm (paper Tables 1, 3 / 7, 8).
+COLUMNS = {False: (Fix.NONE, Fix.REPAIR, Fix.RESCALE, Fix.BIAS_CALIBRATION), True: (Fix.NONE, Fix.RESET, Fix.REPAIR)}
 FIG4_METHODS = {"wm": "weight matching", "am": "activation matching"}
 #: CCA shrinkage values compared on training images (the default of cca_matching is 0.5).
 CCA_SHRINKAGE = (1e-4, 0.1, 0.9)
@@ -51,9 +51,9 @@ class PairResult:
     cost: dict[int, dict[str, float]] = field(default_factory=dict)        # l -> cost ratios
     cca: dict[tuple[int, str], float] = field(default_factory=dict)
     cca_cost: dict[int, dict[str, float]] = field(default_factory=dict)
-    fig4: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (wm|am, none|fig4_fix) -> acc over l
-    fig4_fix: str = "repair"                                               # Fig. 4's fix: repair, or reset (BN)
-    zip: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)   # (pfm|zip, none|rescale) -> acc
+    fig4: dict[tuple[str, Fix], np.ndarray] = field(default_factory=dict)  # (wm|am, NONE|fig4_fix) -> acc over l
+    fig4_fix: Fix = Fix.REPAIR                                             # Fig. 4's fix: REPAIR, or RESET (BN)
+    zip: dict[tuple[str, Fix], np.ndarray] = field(default_factory=dict)   # (pfm|zip, NONE|RESCALE) -> acc
     zip_cost: dict[str, np.ndarray] = field(default_factory=dict)          # pfm|zip -> params ratio
     explorer: dict[int, dict[str, Any]] = field(default_factory=dict)      # l -> curve, accuracy, ratios
     structure: dict[int, dict[str, Any]] = field(default_factory=dict)     # l -> what is preserved / averaged
@@ -89,59 +89,10 @@ def _acc(model: nn.Module, data: VisionData) -> float:
     return evaluate(model, data)["accuracy"]
 
 
-def restrict(perm: Permutation, layers: int) -> Permutation:
-    """``perm`` with every group deeper than ``layers`` set to the identity. For activation matching this
-    is exactly ``activation_matching(..., layers=l)``: each group is solved on its own correlations."""
-    return Permutation(perm.spec, tuple(p if g.depth <= layers else torch.arange(g.size)
-                                        for g, p in zip(perm.spec.groups, perm.perms)))
-
-
-def permuted_stats(stats: dict[str, tuple[torch.Tensor, torch.Tensor]], perm: Permutation
-                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Channel statistics of ``apply_permutation(model, perm)`` from those of ``model`` (no data pass)."""
-    out = {}
-    for n, (m, s) in stats.items():
-        g = perm.spec.group_of(f"{n}.weight", 0)
-        out[n] = (m, s) if g is None else (m[perm[g.index]], s[perm[g.index]])
-    return out
-
-
-def mix(sa: dict, sb: dict, alpha: float) -> dict:
-    """Eq. 2 targets ((1−α)·mean_a + α·mean_b, (1−α)·std_a + α·std_b) from two models' statistics."""
-    return {n: ((1 - alpha) * sa[n][0] + alpha * sb[n][0], (1 - alpha) * sa[n][1] + alpha * sb[n][1]) for n in sa}
-
-
 def sweep(cfg: Config, L: int) -> list[int]:
-    """The l grid of Fig. 4 left and the explorer: ``cfg.sweep_layers``, or every l from 0 to L."""
-    return list(range(L + 1)) if cfg.sweep_layers is None else _check_grid(cfg.sweep_layers, L, "sweep_layers")
-
-
-def _check_grid(values: Sequence[int], total: int, name: str) -> list[int]:
-    bad = [v for v in values if v > total]
-    if bad:
-        raise ValueError(f"parameter {name!r} = {list(values)} has values above {total}, the number of conv/linear "
-                         f"layers of this model; choose values in [0, {total}]")
-    return sorted(values)
-
-
-def pfm_vf_curve(model: PreserveFirst, edge_fbs: Sequence[FeatureBias], data: VisionData,
-                 gamma: float = 1.4) -> VFCurve:
-    """The vanishing-feature curve of a PFM model on the edge models' layers (appendix A.8.1, Fig. 3B).
-
-    A preserved layer exists twice, once per stem: its E‖g‖ is the mean over the two stems (each an
-    edge model, so the ratio is exactly 1, as the paper notes); a merged layer is measured in the tail.
-    """
-    names = edge_fbs[0].names
-    stem = {n for n, _ in model.stems[0].named_modules()}
-    measured = []
-    for n in names:
-        measured += [f"stems.0.{n}", f"stems.1.{n}"] if n in stem else [f"tail.{n}"]
-    fb = feature_bias(model, data, names=measured)
-    g = dict(zip(fb.names, fb.g_mean))
-    gmean = np.array([(g[f"stems.0.{n}"] + g[f"stems.1.{n}"]) / 2 if n in stem else g[f"tail.{n}"] for n in names])
-    own = FeatureBias(list(names), gmean, np.zeros_like(gmean), np.zeros_like(gmean), np.zeros_like(gmean))
-    ratio = vf_ratio(own, list(edge_fbs))
-    return VFCurve(list(names), own.relative_depth, ratio, upper_bound(ratio, gamma))
+    """The l grid of Fig. 4 left and the explorer: ``cfg.sweep_layers`` (bounded by ``resolve``), or every l
+    from 0 to L."""
+    return list(range(L + 1)) if cfg.sweep_layers is None else sorted(cfg.sweep_layers)
 
 
 def resnet_config(cfg: Config) -> Config:
@@ -149,34 +100,34 @@ def resnet_config(cfg: Config) -> Config:
     return cfg.replace(model="resnet20", model_width=cfg.resnet_width, norm="bn")
 
 
-def fig4_fix(model: nn.Module) -> str:
-    """The normalization Fig. 4 left applies after merging: ``"reset"`` for a model with BatchNorm (its running
-    statistics must be re-estimated), else ``"repair"`` (Eq. 2)."""
-    return "reset" if any(isinstance(m, BN_TYPES) for m in model.modules()) else "repair"
+def fig4_fix(model: nn.Module) -> Fix:
+    """The fix Fig. 4 left applies after merging: RESET for a model with BatchNorm (its running statistics
+    must be re-estimated), else REPAIR (Eq. 2)."""
+    return Fix.RESET if any(isinstance(m, BN_TYPES) for m in model.modules()) else Fix.REPAIR
 
 
 def fig4_curves(a: nn.Module, b: nn.Module, am: Permutation, data: VisionData, mdata: VisionData, grid: Sequence[int],
                 alpha: float, stats: tuple[dict, dict] | None = None, progress: bool = False
-                ) -> tuple[str, dict[tuple[str, str], np.ndarray]]:
+                ) -> tuple[Fix, dict[tuple[str, Fix], np.ndarray]]:
     """Paper Fig. 4 left: accuracy on ``data`` of the merge at ``alpha`` when only the first l layers of ``grid``
     are permuted (WM re-solved per l; AM ``am`` restricted), without and with :func:`fig4_fix`.
 
-    Returns ``(fix, curves)`` with ``curves[(m, "none")]`` and ``curves[(m, fix)]`` for m in wm, am. ``stats``:
+    Returns ``(fix, curves)`` with ``curves[(m, Fix.NONE)]`` and ``curves[(m, fix)]`` for m in wm, am. ``stats``:
     REPAIR's layer statistics of ``a`` and ``b`` on ``mdata`` (measured here if None; unused for RESET).
     """
     fix = fig4_fix(a)
-    if fix == "repair" and stats is None:
+    if fix is Fix.REPAIR and stats is None:
         rl = repair_layers(a)
         stats = (layer_stats(a, mdata, layers=rl), layer_stats(b, mdata, layers=rl))
-    curves = {(m, norm): np.zeros(len(grid)) for m in FIG4_METHODS for norm in ("none", fix)}
+    curves = {(m, norm): np.zeros(len(grid)) for m in FIG4_METHODS for norm in (Fix.NONE, fix)}
     for i, l in enumerate(tqdm(grid, desc="Fig. 4 left: permute the first l layers", disable=not progress,
                                leave=False)):
         for m in FIG4_METHODS:
-            perm = align(a, b, "wm", mdata, layers=l) if m == "wm" else restrict(am, l)
+            perm = align(a, b, "wm", mdata, layers=l) if m == "wm" else am.restrict(l)
             merged = interpolate(a, apply_permutation(b, perm), alpha)
-            curves[(m, "none")][i] = _acc(merged, data)
-            if fix == "repair":
-                tg = mix(stats[0], permuted_stats(stats[1], perm), alpha)
+            curves[(m, Fix.NONE)][i] = _acc(merged, data)
+            if fix is Fix.REPAIR:
+                tg = weighted_stats([stats[0], permute_stats(stats[1], perm)], [1 - alpha, alpha])
                 curves[(m, fix)][i] = _acc(repair(merged, data=mdata, targets=tg), data)
             else:
                 curves[(m, fix)][i] = _acc(reset_bn_stats(merged, mdata), data)
@@ -218,12 +169,12 @@ def _vgg_pair(cfg: Config, a: nn.Module, b: nn.Module, data: VisionData, mdata: 
 
     # Table 1: PFM_l with direct merging and AM + each normalization
     t = time.perf_counter()
-    targets = mix(stats_a, permuted_stats(stats_b, am), alpha)
+    targets = weighted_stats([stats_a, permute_stats(stats_b, am)], [1 - alpha, alpha])
     for l in tqdm(cfg.pfm_layers, desc="Table 1", disable=not progress, leave=False):
         pr.table[(l, "Direct")] = _acc(preserve_first(a, b, direct, layers=l, alpha=alpha), data)
-        for label, norm in cols:
-            p = preserve_first(a, b, am, layers=l, alpha=alpha, normalize=norm, data=mdata, targets=targets)
-            pr.table[(l, label)] = _acc(p, data)
+        for fix in cols:
+            p = preserve_first(a, b, am, layers=l, alpha=alpha, normalize=fix, data=mdata, targets=targets)
+            pr.table[(l, fix)] = _acc(p, data)
         pr.cost[l] = _ratio(count_cost(p, x), edge_cost)
         pr.structure[l] = _structure(p)
     seconds["Table 1"] = seconds.get("Table 1", 0) + time.perf_counter() - t
@@ -237,27 +188,26 @@ def _vgg_pair(cfg: Config, a: nn.Module, b: nn.Module, data: VisionData, mdata: 
                                "largest condition number of T": max(float(torch.linalg.cond(t)) for t in c.transforms)}
         cca = cca_matching(a, b, mdata, example_input=x)
         partner = cca.apply(b)
-        ctargets = mix(stats_a, layer_stats(partner, mdata, layers=rl), alpha)
+        ctargets = weighted_stats([stats_a, layer_stats(partner, mdata, layers=rl)], [1 - alpha, alpha])
         for l in tqdm(cfg.pfm_layers, desc="CCA table", disable=not progress, leave=False):
-            for label, norm in cols:
-                p = preserve_first(a, b, cca, layers=l, alpha=alpha, normalize=norm, data=mdata, targets=ctargets)
-                pr.cca[(l, label)] = _acc(p, data)
+            for fix in cols:
+                p = preserve_first(a, b, cca, layers=l, alpha=alpha, normalize=fix, data=mdata, targets=ctargets)
+                pr.cca[(l, fix)] = _acc(p, data)
             pr.cca_cost[l] = _ratio(count_cost(p, x), edge_cost)
         seconds["CCA"] = seconds.get("CCA", 0) + time.perf_counter() - t
 
     # appendix A.8.2: PFM (first n layers unmerged) against partial zipping (last n layers unmerged)
     t = time.perf_counter()
     zl = cfg.zip_layers
-    znorm = "reset" if bn else "rescale"
+    znorm = Fix.RESET if bn else Fix.RESCALE
     for kind in ("pfm", "zip"):
-        for norm in ("none", znorm):
+        for norm in (Fix.NONE, znorm):
             pr.zip[(kind, norm)] = np.zeros(len(zl))
         pr.zip_cost[kind] = np.zeros(len(zl))
     for i, n in enumerate(tqdm(zl, desc="PFM vs partial zipping", disable=not progress, leave=False)):
         for kind, fn in (("pfm", preserve_first), ("zip", partial_zip)):
-            for norm in ("none", znorm):
-                p = fn(a, b, am, layers=n, alpha=alpha, normalize=None if norm == "none" else norm, data=mdata,
-                       targets=targets)
+            for norm in (Fix.NONE, znorm):
+                p = fn(a, b, am, layers=n, alpha=alpha, normalize=norm, data=mdata, targets=targets)
                 pr.zip[(kind, norm)][i] = _acc(p, data)
             pr.zip_cost[kind][i] = count_cost(p, x)["params"] / edge_cost["params"]
     seconds["partial zipping"] = seconds.get("partial zipping", 0) + time.perf_counter() - t
@@ -265,11 +215,11 @@ def _vgg_pair(cfg: Config, a: nn.Module, b: nn.Module, data: VisionData, mdata: 
     # appendix A.8.1 / the explorer: PFM_l (AM, no normalization) for every l
     if with_explorer:
         t = time.perf_counter()
-        names = layer_order(a, x)
+        names = execution_order(a, x)
         edge_fbs = [feature_bias(a, diag, names=names), feature_bias(pb, diag, names=names)]
         for l in tqdm(sweep(cfg, L), desc="explorer: PFM_l over l", disable=not progress, leave=False):
             p = preserve_first(a, b, am, layers=l, alpha=alpha)
-            pr.explorer[l] = {"curve": pfm_vf_curve(p, edge_fbs, diag), "accuracy": _acc(p, data),
+            pr.explorer[l] = {"curve": vf_curve(p, edge_fbs, diag), "accuracy": _acc(p, data),
                               **_ratio(count_cost(p, x), edge_cost)}
         seconds["explorer"] = seconds.get("explorer", 0) + time.perf_counter() - t
     return pr
@@ -286,9 +236,9 @@ def _resnet_pair(cfg: Config, a: nn.Module, b: nn.Module, data: VisionData, mdat
     direct = identity_permutation(am.spec)
     for l in tqdm(layers, desc="ResNet20 table", disable=not progress, leave=False):
         pr.table[(l, "Direct")] = _acc(preserve_first(a, b, direct, layers=l, alpha=alpha), data)
-        for label, norm in (("W/o norm.", None), ("RESET", "reset")):
-            p = preserve_first(a, b, am, layers=l, alpha=alpha, normalize=norm, data=mdata)
-            pr.table[(l, label)] = _acc(p, data)
+        for fix in (Fix.NONE, Fix.RESET):
+            p = preserve_first(a, b, am, layers=l, alpha=alpha, normalize=fix, data=mdata)
+            pr.table[(l, fix)] = _acc(p, data)
         pr.cost[l] = _ratio(count_cost(p, x), edge_cost)
         pr.structure[l] = _structure(p)
     return pr
@@ -307,20 +257,18 @@ def run(cfg: Config, progress: bool = True) -> PFMResult:
         t = time.perf_counter()
         a, b = edge_models(cfg, seeds=[s0, s1], progress=progress)
         seconds["edge models"] = seconds.get("edge models", 0) + time.perf_counter() - t
-        x = example_input(data, device_of(a))
-        L = len(conv_linear_layers(a, x))
-        _check_grid(cfg.pfm_layers, L, "pfm_layers"), _check_grid(cfg.zip_layers, L, "zip_layers")
+        x = example_input(data, model=a)
+        L = structure_of(a).num_layers
         vgg.append(_vgg_pair(cfg, a, b, data, mdata, diag, x, L, seconds, progress, with_explorer=i == 0))
     rcfg = resnet_config(cfg)
     for s0, s1 in seed_pairs(cfg.seeds):
         t = time.perf_counter()
         a, b = edge_models(rcfg, seeds=[s0, s1], progress=progress)
         seconds["edge models"] = seconds.get("edge models", 0) + time.perf_counter() - t
-        x = example_input(data, device_of(a))
-        RL = len(conv_linear_layers(a, x))
+        x = example_input(data, model=a)
+        RL = structure_of(a).num_layers
         t = time.perf_counter()
-        resnet.append(_resnet_pair(cfg, a, b, data, mdata, x, _check_grid(cfg.resnet_layers, RL, "resnet_layers"),
-                                   progress))
+        resnet.append(_resnet_pair(cfg, a, b, data, mdata, x, sorted(cfg.resnet_layers), progress))
         seconds["ResNet20 table"] = seconds.get("ResNet20 table", 0) + time.perf_counter() - t
     return PFMResult(cfg, L, RL, vgg, resnet, seconds, n_test=len(data))
 
@@ -342,10 +290,10 @@ def _cost_cells(pairs: list[PairResult], ratio: dict[str, float] | None) -> dict
             "FLOPs": f"{e['flops'] * r['flops'] / 1e6:.2f} M ({r['flops']:.3g}×)"}
 
 
-def _pfm_table(pairs: list[PairResult], layers: Sequence[int], L: int, columns: list[str], attr: str,
+def _pfm_table(pairs: list[PairResult], layers: Sequence[int], L: int, columns: list[Fix], attr: str,
                cost_attr: str, prefix: str) -> list[dict[str, str]]:
     edge = float(np.mean([np.mean(p.edge_acc) for p in pairs]))
-    blank = {f"{prefix}{c}": "" for c in columns}
+    blank = {f"{prefix}{c.label}": "" for c in columns}
     rows = [{"Model": "Model 1", "Direct": _fmt([p.edge_acc[0] for p in pairs]), **blank, **_cost_cells(pairs, None)},
             {"Model": "Model 2", "Direct": _fmt([p.edge_acc[1] for p in pairs]), **blank, **_cost_cells(pairs, None)},
             {"Model": "Ensemble", "Direct": _fmt([p.ensemble for p in pairs]), **blank,
@@ -353,7 +301,7 @@ def _pfm_table(pairs: list[PairResult], layers: Sequence[int], L: int, columns: 
     for l in layers:
         row = {"Model": f"PFM {l}/{L}", "Direct": _fmt([p.table[(l, "Direct")] for p in pairs], edge)}
         for c in columns:
-            row[f"{prefix}{c}"] = _fmt([getattr(p, attr)[(l, c)] for p in pairs], edge)
+            row[f"{prefix}{c.label}"] = _fmt([getattr(p, attr)[(l, c)] for p in pairs], edge)
         rows.append({**row, **_cost_cells(pairs, getattr(pairs[0], cost_attr)[l])})
     return rows
 
@@ -362,7 +310,7 @@ def table1(res: PFMResult) -> list[dict[str, str]]:
     """Paper Table 1 at this scale: PFM_{l/L} at α with direct merging and AM + each normalization,
     edge models and ensemble; accuracy in %, **bold** above the edge models' average."""
     bn = res.cfg.norm == "bn"
-    cols = [c for c, _ in COLUMNS[bn]]
+    cols = list(COLUMNS[bn])
     return _pfm_table(res.vgg, res.cfg.pfm_layers, res.num_layers, cols, "table", "cost", "AM ")
 
 
@@ -370,7 +318,7 @@ def cca_table(res: PFMResult) -> list[dict[str, str]]:
     """Appendix Table 3 at this scale: PFM with CCA merging (+ each normalization)."""
     if not res.vgg[0].cca:
         return []
-    cols = [c for c, _ in COLUMNS[False]]
+    cols = list(COLUMNS[False])
     return _pfm_table(res.vgg, res.cfg.pfm_layers, res.num_layers, cols, "cca", "cca_cost", "CCA ")
 
 
@@ -382,22 +330,22 @@ def cca_reg_table(res: PFMResult) -> list[dict[str, Any]]:
 
 def resnet_table(res: PFMResult) -> list[dict[str, str]]:
     """Appendix Table 7 at this scale: PFM on ResNet20-BN with AM, without normalization and with RESET."""
-    return _pfm_table(res.resnet, res.cfg.resnet_layers, res.resnet_layers_total, ["W/o norm.", "RESET"], "table",
+    return _pfm_table(res.resnet, res.cfg.resnet_layers, res.resnet_layers_total, [Fix.NONE, Fix.RESET], "table",
                       "cost", "AM ")
 
 
 def zip_table(res: PFMResult) -> list[dict[str, Any]]:
     """PFM (first n layers unmerged) against partial zipping (last n layers unmerged), AM-aligned."""
     pr = res.vgg[0]
-    znorm = next(k[1] for k in pr.zip if k[1] != "none")
+    znorm = next(k[1] for k in pr.zip if k[1] is not Fix.NONE)
     rows = []
     for i, n in enumerate(res.cfg.zip_layers):
         def cell(kind: str, norm: str) -> str:
             return _fmt([p.zip[(kind, norm)][i] for p in res.vgg])
         rows.append({"unmerged layers n": n,
-                     "PFM (first n)": cell("pfm", "none"), f"PFM + {znorm.upper()}": cell("pfm", znorm),
+                     "PFM (first n)": cell("pfm", Fix.NONE), f"PFM + {znorm.label}": cell("pfm", znorm),
                      "params × (PFM)": f"{pr.zip_cost['pfm'][i]:.3g}",
-                     "partial zip (last n)": cell("zip", "none"), f"zip + {znorm.upper()}": cell("zip", znorm),
+                     "partial zip (last n)": cell("zip", Fix.NONE), f"zip + {znorm.label}": cell("zip", znorm),
                      "params × (zip)": f"{pr.zip_cost['zip'][i]:.3g}"})
     return rows
 
@@ -431,8 +379,8 @@ def plot_fig4(ax, res: PFMResult) -> None:
     fix = res.vgg[0].fig4_fix
     curves = {}
     for m, name in FIG4_METHODS.items():
-        curves[f"{name}"] = np.mean([p.fig4[(m, "none")] for p in res.vgg], 0)
-        curves[f"{name} + {fix.upper()}"] = np.mean([p.fig4[(m, fix)] for p in res.vgg], 0)
+        curves[f"{name}"] = np.mean([p.fig4[(m, Fix.NONE)] for p in res.vgg], 0)
+        curves[f"{name} + {fix.label}"] = np.mean([p.fig4[(m, fix)] for p in res.vgg], 0)
     plot_layer_sweep(ax, np.array(sweep(res.cfg, res.num_layers)), curves, edge_mean=res.edge_mean(),
                      xlabel="layers permuted (identity after l)", title="permute only the first l layers")
 
@@ -441,11 +389,11 @@ def plot_zip(ax, res: PFMResult) -> None:
     """Appendix A.8.2: accuracy against the parameter ratio for PFM and partial zipping (AM)."""
     from ..plots import plot_cost_curves
     pr = res.vgg[0]
-    znorm = next(k[1] for k in pr.zip if k[1] != "none")
+    znorm = next(k[1] for k in pr.zip if k[1] is not Fix.NONE)
     curves = {}
     for kind, label in (("pfm", "PFM (first n unmerged)"), ("zip", "partial zip (last n unmerged)")):
-        for norm in ("none", znorm):
-            name = label + ("" if norm == "none" else f" + {znorm.upper()}")
+        for norm in (Fix.NONE, znorm):
+            name = label + ("" if norm is Fix.NONE else f" + {znorm.label}")
             curves[name] = (pr.zip_cost[kind], np.mean([p.zip[(kind, norm)] for p in res.vgg], 0))
     plot_cost_curves(ax, curves, edge_mean=res.edge_mean(), xlabel="parameters (× one edge model)",
                      title="PFM vs partial zipping at matching cost")
@@ -487,17 +435,17 @@ def claims(res: PFMResult) -> list[dict[str, Any]]:
         curve = np.mean([p.fig4[(m, fix)] for p in res.vgg], 0)
         grid = sweep(res.cfg, L)
         rho = float(np.corrcoef(grid, curve)[0, 1]) if np.std(curve) > 0 else 0.0
-        cl.add(f"Fig. 4 left ({name} + {fix.upper()}): accuracy rises with the number l of permuted layers",
+        cl.add(f"Fig. 4 left ({name} + {fix.label}): accuracy rises with the number l of permuted layers",
                all_of(cl.greater(curve[-1], curve[0]), rho > 0),
                f"l = {grid[0]}: {curve[0]:.3f}, l = {grid[-1]}: {curve[-1]:.3f}, correlation with l {rho:.2f}{note}")
         cl.add(f"Fig. 4 left ({name}): even with every layer permuted, merging stays below the edge models",
                cl.less(float(curve.max()), edge), f"best {curve.max():.3f} vs edge average {edge:.3f}")
     ls = res.cfg.pfm_layers
-    am = [mean(lambda p, l=l: p.table[(l, "W/o norm.")]) for l in ls]
+    am = [mean(lambda p, l=l: p.table[(l, Fix.NONE)]) for l in ls]
     cl.add("PFM: accuracy (AM, no normalization) rises with l (and no step falls beyond noise)",
            all_of(cl.greater(am[-1], am[0]), all(cl.at_least(y, x) for x, y in zip(am, am[1:]))),
            ", ".join(f"l={l}: {v:.3f}" for l, v in zip(ls, am)))
-    cols = [c for c, _ in COLUMNS[res.cfg.norm == "bn"]]
+    cols = list(COLUMNS[res.cfg.norm == "bn"])
     best = {l: max(mean(lambda p, l=l, c=c: p.table[(l, c)]) for c in cols) for l in ls}
     above = [l for l in ls if best[l] > edge]
     first = above[0] if above else None
@@ -511,12 +459,12 @@ def claims(res: PFMResult) -> list[dict[str, Any]]:
     cl.add(f"PFM {mid}/{L} costs about 1.2× the parameters but more FLOPs (paper: 1.2× params, 1.67× FLOPs)",
            bool(1.05 < cost[mid]["params"] < 1.5 and cost[mid]["flops"] > cost[mid]["params"]),
            f"PFM {mid}/{L}: {cost[mid]['params']:.2f}× params, {cost[mid]['flops']:.2f}× FLOPs")
-    gap = [mean(lambda p, l=l: max(p.table[(l, c)] for c in cols[1:]) - p.table[(l, "W/o norm.")]) for l in ls]
+    gap = [mean(lambda p, l=l: max(p.table[(l, c)] for c in cols[1:]) - p.table[(l, Fix.NONE)]) for l in ls]
     cl.add("Normalization matters less as more layers are preserved", bool(gap[-1] < gap[0]),
            ", ".join(f"l={l}: +{g:.3f}" for l, g in zip(ls, gap)) + " (best normalization over none)")
     if res.vgg[0].cca:
-        c0 = mean(lambda p: p.cca[(ls[0], "W/o norm.")])
-        a0 = mean(lambda p: p.table[(ls[0], "W/o norm.")])
+        c0 = mean(lambda p: p.cca[(ls[0], Fix.NONE)])
+        a0 = mean(lambda p: p.table[(ls[0], Fix.NONE)])
         cbest = [max(mean(lambda p, l=l, c=c: p.cca[(l, c)]) for c in cols) for l in ls]
         cl.add("CCA merging beats AM merging without normalization (Table 3 vs Table 1, l = 0)", cl.greater(c0, a0),
                f"CCA {c0:.3f} vs AM {a0:.3f} (±{cl.margin(c0, a0):.3f})")
@@ -525,25 +473,25 @@ def claims(res: PFMResult) -> list[dict[str, Any]]:
     if res.resnet:
         rl = res.cfg.resnet_layers
         r_edge = res.edge_mean("resnet")
-        reset = [float(np.mean([p.table[(l, "RESET")] for p in res.resnet])) for l in rl]
-        plain = [float(np.mean([p.table[(l, "W/o norm.")] for p in res.resnet])) for l in rl]
+        reset = [float(np.mean([p.table[(l, Fix.RESET)] for p in res.resnet])) for l in rl]
+        plain = [float(np.mean([p.table[(l, Fix.NONE)] for p in res.resnet])) for l in rl]
         cl.add("ResNet20-BN (Table 7): RESET is essential, and PFM with RESET rises with l",
                all_of(cl.greater(reset[0], plain[0]), cl.greater(reset[-1], reset[0])),
                f"l = {rl[0]}: {plain[0]:.3f} → {reset[0]:.3f} with RESET; l = {rl[-1]}: {reset[-1]:.3f} "
                f"(edges {r_edge:.3f})")
     pr = res.vgg[0]
-    znorm = next(k[1] for k in pr.zip if k[1] != "none")
+    znorm = next(k[1] for k in pr.zip if k[1] is not Fix.NONE)
     zl = res.cfg.zip_layers
     wins = [n for i, n in enumerate(zl) if 0 < n < L
             and cl.at_least(float(np.mean([p.zip[("pfm", znorm)][i] for p in res.vgg])),
                             float(np.mean([p.zip[("zip", znorm)][i] for p in res.vgg])))]
     inner = [n for n in zl if 0 < n < L]
-    cl.add(f"PFM beats partial zipping with the same number of unmerged layers (with {znorm.upper()})",
+    cl.add(f"PFM beats partial zipping with the same number of unmerged layers (with {znorm.label})",
            len(wins) >= max(1, len(inner) - 1),
            f"PFM ≥ partial zipping (or within noise) at n = {wins} of {inner}")
     # at matching parameter cost: PFM's accuracy interpolated at each partial-zipping model's cost
     pc, zc = pr.zip_cost["pfm"], pr.zip_cost["zip"]
-    for norm in ("none", znorm):
+    for norm in (Fix.NONE, znorm):
         pa = np.mean([p.zip[("pfm", norm)] for p in res.vgg], 0)
         za = np.mean([p.zip[("zip", norm)] for p in res.vgg], 0)
         order = np.argsort(pc)
@@ -552,7 +500,7 @@ def claims(res: PFMResult) -> list[dict[str, Any]]:
         if pts:
             ok = sum(cl.at_least(p_, z_) for _, p_, z_ in pts)
             cl.add("At matching parameter cost PFM beats partial zipping (or ties within noise)"
-                   + ("" if norm == "none" else f" (with {znorm.upper()})"), ok >= len(pts) - 1 and ok > 0,
+                   + ("" if norm is Fix.NONE else f" (with {znorm.label})"), ok >= len(pts) - 1 and ok > 0,
                    "; ".join(f"{c:.2f}×: PFM {p_:.3f} vs zip {z_:.3f}" for c, p_, z_ in pts))
     return cl.table()
 
@@ -568,58 +516,58 @@ def notes(res: PFMResult) -> dict[str, str]:
     out: dict[str, str] = {}
     grid = sweep(res.cfg, L)
     fix = res.vgg[0].fig4_fix
-    norm = fix.upper()
+    norm = fix.label
     f4 = {k: np.mean([p.fig4[k] for p in res.vgg], 0) for k in res.vgg[0].fig4}
     out["fig4"] = (
         f"Measured on {pairs}. Edge models: {edge:.3f} on average. With weight matching on the first l layers only, "
-        f"the merged midpoint goes from {f4[('wm', 'none')][0]:.3f} (l = {grid[0]}) to {f4[('wm', 'none')][-1]:.3f} "
+        f"the merged midpoint goes from {f4[('wm', Fix.NONE)][0]:.3f} (l = {grid[0]}) to {f4[('wm', Fix.NONE)][-1]:.3f} "
         f"(l = {grid[-1]}); with {norm} from {f4[('wm', fix)][0]:.3f} to {f4[('wm', fix)][-1]:.3f}. "
-        f"Activation matching: {f4[('am', 'none')][0]:.3f} → {f4[('am', 'none')][-1]:.3f}, with {norm} "
+        f"Activation matching: {f4[('am', Fix.NONE)][0]:.3f} → {f4[('am', Fix.NONE)][-1]:.3f}, with {norm} "
         f"{f4[('am', fix)][0]:.3f} → {f4[('am', fix)][-1]:.3f}. The best point of any curve is "
         f"{max(v.max() for v in f4.values()):.3f}, "
         + ("still below the edge models." if max(v.max() for v in f4.values()) < edge else "at or above the edge models here."))
     ls = res.cfg.pfm_layers
-    cols = [c for c, _ in COLUMNS[res.cfg.norm == "bn"]]
+    cols = list(COLUMNS[res.cfg.norm == "bn"])
     best = {l: max((mean(lambda p, l=l, c=c: p.table[(l, c)]), c) for c in cols) for l in ls}
     above = [l for l in ls if best[l][0] > edge]
     cost = res.vgg[0].cost
     ens = mean(lambda p: p.ensemble)
     out["table1"] = (
         f"Measured on {pairs}; accuracy in %, **bold** where above the edge models' average ({100 * edge:.2f} %). "
-        f"Without preserved layers the best AM column is {best[ls[0]][1]} with {100 * best[ls[0]][0]:.2f} %. "
-        + (f"PFM first exceeds the edge average at l = {above[0]} ({best[above[0]][1]}: {100 * best[above[0]][0]:.2f} %) "
+        f"Without preserved layers the best AM column is {best[ls[0]][1].label} with {100 * best[ls[0]][0]:.2f} %. "
+        + (f"PFM first exceeds the edge average at l = {above[0]} ({best[above[0]][1].label}: {100 * best[above[0]][0]:.2f} %) "
            f"for {cost[above[0]]['params']:.2f}× the parameters and {cost[above[0]]['flops']:.2f}× the FLOPs; "
            if above else f"No PFM row exceeds the edge average here (best {100 * max(b[0] for b in best.values()):.2f} %); ")
         + f"the ensemble reaches {100 * ens:.2f} % for 2× both. MNIST is close to its ceiling, so the edge models leave "
           f"little room: differences of a few tenths of a percent are within the noise of a {res.n_test:,}-image test set.")
     if res.resnet:
         rl = res.cfg.resnet_layers
-        r = {(l, c): mean(lambda p, l=l, c=c: p.table[(l, c)], "resnet") for l in rl for c in ("Direct", "W/o norm.", "RESET")}
+        r = {(l, c): mean(lambda p, l=l, c=c: p.table[(l, c)], "resnet") for l in rl for c in ("Direct", Fix.NONE, Fix.RESET)}
         out["resnet"] = (
             f"ResNet20-BN (width {res.cfg.resnet_width:g}), {pairs}; edge average {res.edge_mean('resnet'):.3f}. At "
-            f"l = {rl[0]}: direct {r[(rl[0], 'Direct')]:.3f}, AM {r[(rl[0], 'W/o norm.')]:.3f}, AM + RESET "
-            f"{r[(rl[0], 'RESET')]:.3f}. At l = {rl[-1]}: AM + RESET {r[(rl[-1], 'RESET')]:.3f} for "
+            f"l = {rl[0]}: direct {r[(rl[0], 'Direct')]:.3f}, AM {r[(rl[0], Fix.NONE)]:.3f}, AM + RESET "
+            f"{r[(rl[0], Fix.RESET)]:.3f}. At l = {rl[-1]}: AM + RESET {r[(rl[-1], Fix.RESET)]:.3f} for "
             f"{res.resnet[0].cost[rl[-1]]['params']:.2f}× the parameters. The cut after layer l falls inside a residual "
             f"block for even l: the stems then hand over two averaged values, the residual stream and the block's inner "
             f"branch (see the structure table).")
     if res.vgg[0].cca:
         c = {(l, k): mean(lambda p, l=l, k=k: p.cca[(l, k)]) for l in ls for k in cols}
         out["cca"] = (
-            f"CCA merging at l = {ls[0]}: {c[(ls[0], 'W/o norm.')]:.3f} without normalization (AM: "
-            f"{mean(lambda p: p.table[(ls[0], 'W/o norm.')]):.3f}), {c[(ls[0], 'REPAIR')]:.3f} with REPAIR and "
-            f"{c[(ls[0], 'RESCALE')]:.3f} with RESCALE; at l = {ls[-1]}: "
+            f"CCA merging at l = {ls[0]}: {c[(ls[0], Fix.NONE)]:.3f} without normalization (AM: "
+            f"{mean(lambda p: p.table[(ls[0], Fix.NONE)]):.3f}), {c[(ls[0], Fix.REPAIR)]:.3f} with REPAIR and "
+            f"{c[(ls[0], Fix.RESCALE)]:.3f} with RESCALE; at l = {ls[-1]}: "
             f"{max(c[(ls[-1], k)] for k in cols):.3f} (best column). The CCA maps are general invertible matrices, "
             f"so model b's stem keeps its own weights and the map T is applied to its output (a few extra parameters, "
             f"visible in the Params column).")
     pr = res.vgg[0]
-    znorm = next(k[1] for k in pr.zip if k[1] != "none")
+    znorm = next(k[1] for k in pr.zip if k[1] is not Fix.NONE)
     zl = res.cfg.zip_layers
     zm = {k: np.mean([p.zip[k] for p in res.vgg], 0) for k in pr.zip}
     i8 = min(range(len(zl)), key=lambda i: abs(zl[i] - round(8 * L / 14)))
     out["zip"] = (
-        f"With n = {zl[i8]} unmerged layers, PFM reaches {zm[('pfm', 'none')][i8]:.3f} "
-        f"({zm[('pfm', znorm)][i8]:.3f} with {znorm.upper()}) at {pr.zip_cost['pfm'][i8]:.2f}× the parameters; partial "
-        f"zipping reaches {zm[('zip', 'none')][i8]:.3f} ({zm[('zip', znorm)][i8]:.3f}) at "
+        f"With n = {zl[i8]} unmerged layers, PFM reaches {zm[('pfm', Fix.NONE)][i8]:.3f} "
+        f"({zm[('pfm', znorm)][i8]:.3f} with {znorm.label}) at {pr.zip_cost['pfm'][i8]:.2f}× the parameters; partial "
+        f"zipping reaches {zm[('zip', Fix.NONE)][i8]:.3f} ({zm[('zip', znorm)][i8]:.3f}) at "
         f"{pr.zip_cost['zip'][i8]:.2f}×. Keeping the last layers unmerged is expensive in parameters (VGG's late layers "
         f"are its widest) and cheap in FLOPs; keeping the first layers is the opposite.")
     ex = pr.explorer

@@ -26,7 +26,8 @@ from ..config import Config
 from ..data import calibration_subset
 from ..diagnose import feature_bias, logit_stats, vf_curve
 from ..evaluate import evaluate
-from ..pruning import apply_masks, prune_scores, pruning_targets, repair_pruned, select_masks
+from ..normalize import Fix
+from ..pruning import REPAIR_METHODS, apply_masks, prune_scores, pruning_targets, repair_pruned, select_masks
 from ..zoo import info
 from .claims import Claims, all_of
 from .common import check_config, edge_configs, edge_models, match_data, test_data
@@ -38,10 +39,9 @@ PRUNERS: dict[str, tuple[str, str]] = {"magnitude": ("magnitude", "global"),
 PRUNER_LABELS = {"magnitude": "global magnitude", "magnitude-layerwise": "layerwise magnitude",
                  "wanda": "Wanda", "fisher": "diagonal Fisher"}
 #: The two models of the chapter: norm -> the post-pruning normalization it gets.
-SETTINGS: dict[str, str] = {"ln": "repair", "bn": "reset"}
+SETTINGS: dict[str, Fix] = {"ln": Fix.REPAIR, "bn": Fix.RESET}
 #: The model the sparsity explorer shows (diagnosed at every grid point; the other only at cfg.sparsity).
 EXPLORED = "ln"
-FIX_LABELS = {"repair": "REPAIR", "reset": "RESET", "rescale": "RESCALE"}
 
 
 @dataclass
@@ -79,8 +79,8 @@ class PruningResult:
     def pruners(self) -> list[str]:
         return list(self.cfg.pruners)
 
-    def fix(self, norm: str) -> str:
-        return self.settings[norm]
+    def fix(self, norm: str) -> Fix:
+        return Fix.parse(self.settings[norm], REPAIR_METHODS, "post-pruning normalization")
 
     def label(self, norm: str) -> str:
         return f"{self.cfg.model.upper()}-{norm.upper()}"
@@ -126,7 +126,7 @@ def run(cfg: Config, progress: bool = True, settings: dict[str, str] | None = No
 
 
 def _run(cfg: Config, progress: bool, settings: dict[str, str]) -> PruningResult:
-    bad = {k: v for k, v in settings.items() if k not in ("none", "ln", "bn") or v not in FIX_LABELS}
+    bad = {k: v for k, v in settings.items() if k not in ("none", "ln", "bn") or v not in REPAIR_METHODS}
     if bad or not settings:
         raise ValueError(f"settings must map norms (none, ln, bn) to repair, rescale or reset, got {settings}")
     torch.manual_seed(0)
@@ -207,7 +207,7 @@ def training_table(cfg: Config) -> list[dict[str, Any]]:
 
 def accuracy_table(res: PruningResult, norm: str) -> list[dict[str, Any]]:
     """Per sparsity: accuracy of every pruner without and with the fix (one model)."""
-    fix = FIX_LABELS[res.fix(norm)]
+    fix = res.fix(norm).label
     rows = []
     for i, s in enumerate(res.sparsities):
         row: dict[str, Any] = {"sparsity": f"{s:g}"}
@@ -228,7 +228,7 @@ def calibration_table(res: PruningResult) -> list[dict[str, Any]]:
         for p in res.pruners:
             c = res.calibration[(norm, p)]
             before = res.at(norm, p, _nearest(res.sparsities, res.cfg.sparsity))["before"]
-            row = {"model": f"{res.label(norm)} + {FIX_LABELS[res.fix(norm)]}", "pruner": PRUNER_LABELS[p],
+            row = {"model": f"{res.label(norm)} + {res.fix(norm).label}", "pruner": PRUNER_LABELS[p],
                    "no fix": round(before, 4)}
             for n, a in zip(c["n"], c["accuracy"]):
                 row[f"n={n}" + (" (all)" if n == c["n"][-1] else "")] = round(a, 4)
@@ -265,7 +265,7 @@ def plot_accuracy(ax, res: PruningResult, norm: str, pruners: list[str] | None =
     """Paper Fig. 5C/D: accuracy against sparsity, per pruner, without (dashed) and with (solid) the fix."""
     from ..plots import COLORS, style
     colors = list(COLORS.values())
-    fix = FIX_LABELS[res.fix(norm)]
+    fix = res.fix(norm).label
     with style():
         x = np.array(res.sparsities)
         for i, p in enumerate(pruners or res.pruners):
@@ -299,14 +299,14 @@ def plot_calibration(ax, res: PruningResult, norm: str) -> None:
         ax.set_xticklabels([str(n) for n in sizes])
         ax.set_xlabel("calibration images (unpruned and pruned model)")
         ax.set_ylabel("test accuracy after the fix")
-        ax.set_title(f"{res.label(norm)} at sparsity {res.cfg.sparsity:g} + {FIX_LABELS[res.fix(norm)]}")
+        ax.set_title(f"{res.label(norm)} at sparsity {res.cfg.sparsity:g} + {res.fix(norm).label}")
         ax.legend(fontsize=7)
 
 
 def logit_curves(res: PruningResult, norm: str, pruner: str, sparsity: float) -> dict[str, Any]:
     """Fig. 5A's logit statistics: unpruned, pruned, pruned + fix."""
     d = res.diagnosis[(norm, pruner, sparsity)]
-    fix = FIX_LABELS[res.fix(norm)]
+    fix = res.fix(norm).label
     return {"unpruned": res.base_logits[norm], f"pruned {sparsity:g}": d.logits["pruned"],
             f"pruned + {fix}": d.logits["fixed"]}
 
@@ -314,7 +314,7 @@ def logit_curves(res: PruningResult, norm: str, pruner: str, sparsity: float) ->
 def vf_curves(res: PruningResult, norm: str, pruner: str, sparsity: float) -> dict[str, Any]:
     """Fig. 5B's curves: the VF bound of the pruned model before and after the fix."""
     d = res.diagnosis[(norm, pruner, sparsity)]
-    fix = FIX_LABELS[res.fix(norm)]
+    fix = res.fix(norm).label
     return {f"{res.label(norm)} pruned {sparsity:g}": d.vf["pruned"], f"+ {fix}": d.vf["fixed"]}
 
 
@@ -329,7 +329,7 @@ def explorer_figure(res: PruningResult, norm: str, pruner: str, sparsity: float)
     plot_logits(ax[1], logit_curves(res, norm, pruner, sparsity))
     plot_vf_curves(ax[2], vf_curves(res, norm, pruner, sparsity))
     ax[2].set_ylabel("E‖g_pruned‖ / E‖g_unpruned‖  (bound ε_l)")
-    fig.suptitle(f"{res.label(norm)} + {FIX_LABELS[res.fix(norm)]}")
+    fig.suptitle(f"{res.label(norm)} + {res.fix(norm).label}")
     return fig
 
 
@@ -351,7 +351,7 @@ def claims(res: PruningResult) -> list[dict[str, Any]]:
         d = res.diagnosis[(norm, p0, s)]
         before, after = _last(d.vf["pruned"]), _last(d.vf["fixed"])
         holds.append(before < 0.5 and after > before)
-        ev.append(f"{res.label(norm)}: E_L = {before:.3f} pruned, {after:.3f} after {FIX_LABELS[res.fix(norm)]}")
+        ev.append(f"{res.label(norm)}: E_L = {before:.3f} pruned, {after:.3f} after {res.fix(norm).label}")
     c.add(f"At high sparsity ({PRUNER_LABELS[p0]} at {s:g}) the input-induced feature of the last layer "
           "vanishes (E_L well below 1), and post-pruning normalization brings it back", all(holds), "; ".join(ev))
     for norm in res.settings:
@@ -366,7 +366,7 @@ def claims(res: PruningResult) -> list[dict[str, Any]]:
               f"mean |E f(x) − f(0)| = {dist0:.3f} (unpruned: {spread:.3f})")
     # Fig. 5C/D: normalization helps, most at high sparsity
     for norm in res.settings:
-        fix = FIX_LABELS[res.fix(norm)]
+        fix = res.fix(norm).label
         x = np.array(res.sparsities)
         pairs = [(float(a), float(b)) for p in res.pruners
                  for a, b in zip(res.accuracy[(norm, p)]["after"], res.accuracy[(norm, p)]["before"])]
@@ -397,7 +397,7 @@ def claims(res: PruningResult) -> list[dict[str, Any]]:
     if "magnitude" in res.pruners and others:
         names = " / ".join(PRUNER_LABELS[p] for p in others)
         for norm in res.settings:
-            fix = FIX_LABELS[res.fix(norm)]
+            fix = res.fix(norm).label
             hi = np.array(res.sparsities) >= 0.5
             mag = res.accuracy[(norm, "magnitude")]["after"][hi]
             raw = np.max([res.accuracy[(norm, p)]["before"][hi] for p in others], axis=0)
@@ -456,13 +456,13 @@ def note(res: PruningResult, what: str):
         for norm in res.settings:
             d = res.diagnosis[(norm, p0, s)].vf
             parts.append(f"{res.label(norm)}: the bound at the last layer is {float(d['pruned'].bound[-1]):.3g} "
-                         f"after pruning and {float(d['fixed'].bound[-1]):.3g} after {FIX_LABELS[res.fix(norm)]} "
+                         f"after pruning and {float(d['fixed'].bound[-1]):.3g} after {res.fix(norm).label} "
                          f"(E_L = {_last(d['pruned']):.3g} → {_last(d['fixed']):.3g})")
         text = f"Here ({PRUNER_LABELS[p0]}, sparsity {s:g}): " + "; ".join(parts) + "."
     elif what == "fig5cd":
         parts = []
         for norm in res.settings:
-            fix = FIX_LABELS[res.fix(norm)]
+            fix = res.fix(norm).label
             best = max(((p, i) for p in res.pruners for i in range(len(res.sparsities))),
                        key=lambda pi: res.accuracy[(norm, pi[0])]["after"][pi[1]]
                        - res.accuracy[(norm, pi[0])]["before"][pi[1]])
@@ -476,7 +476,7 @@ def note(res: PruningResult, what: str):
         for norm in res.settings:
             c = res.calibration[(norm, p0)]
             accs = ", ".join(f"{a:.3f} (n={n})" for n, a in zip(c["n"], c["accuracy"]))
-            parts.append(f"{res.label(norm)} + {FIX_LABELS[res.fix(norm)]}: {accs}")
+            parts.append(f"{res.label(norm)} + {res.fix(norm).label}: {accs}")
         text = f"{PRUNER_LABELS[p0]} at sparsity {res.cfg.sparsity:g}: " + "; ".join(parts) + "."
     else:
         raise ValueError(f"unknown note {what!r}; choose one of fig5a, fig5b, fig5cd, a7")
