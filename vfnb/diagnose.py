@@ -243,7 +243,10 @@ def vf_curve(model: nn.Module, references: Sequence[nn.Module | FeatureBias], da
         raise TypeError(f"references must be models or FeatureBias objects, got {bad[0]}")
     if names is None and hasattr(model, "layer_aliases"):  # measured on the edge models' layers
         r0 = references[0]
-        names = r0.names if isinstance(r0, FeatureBias) else execution_order(r0, next(iter(labelled_batches(data, 1, r0)))[0])
+        if isinstance(r0, FeatureBias):
+            names = r0.names
+        else:
+            names = execution_order(r0, next(iter(labelled_batches(data, 1, r0)))[0])
     fb = feature_bias(model, data, batch_size=batch_size, names=names)
     refs = [r if isinstance(r, FeatureBias) else feature_bias(r, data, batch_size=batch_size, names=fb.names)
             for r in references]

@@ -7,8 +7,6 @@ same message.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
@@ -45,12 +43,6 @@ def check_finite(model: nn.Module, name: str = "model") -> nn.Module:
             raise ValueError(f"{name} has non-finite values in {k!r}: its training diverged. Retrain it with a "
                              "lower learning rate or gradient clipping (TrainConfig.grad_clip)")
     return model
-
-
-def check_finite_all(models: Iterable[nn.Module], name: str = "reference") -> None:
-    """:func:`check_finite` for each model, named ``name 0``, ``name 1``, ..."""
-    for i, m in enumerate(models):
-        check_finite(m, f"{name} {i}")
 
 
 def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
