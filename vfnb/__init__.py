@@ -1,7 +1,7 @@
 """vfnb: the executable edition of *Vanishing Feature: Diagnosing Model Merging and Beyond*.
 
 The public API is re-exported here; each name lives in one module (data flows one way; see
-ARCHITECTURE.md): validate · config → data → models → train → zoo → structure → activations → graph
+ARCHITECTURE.md): validate · config → data → models → train → zoo → activations → structure → graph
 (permutations) → matching (weight, activation, ZipIt!, CCA) → merge (interpolation, bias calibration)
 → normalize (RESET, REPAIR, RESCALE, bias removal, the Fix vocabulary) → pfm (preserve-first merging,
 partial zipping) → pruning → diagnose / evaluate / flops → plots → widgets → chapters → book.

@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .activations import to_model
 from .models.norm import LayerNorm2d
 from .validate import UnsupportedOperationError
 
@@ -280,8 +281,6 @@ def cut(model: nn.Module, graph: fx.Graph, depth: int) -> Cut:
 def execution_order(model: nn.Module, example: torch.Tensor, types: tuple[type, ...] = OUTPUT_TYPES) -> list[str]:
     """Names of the modules of ``types`` in the order one forward pass on ``example[:1]`` runs them
     (works for any module, also composite ones such as a PFM model's stems and tail)."""
-    from .activations import to_model
-
     order: list[str] = []
     hooks = [m.register_forward_hook(lambda mod, i, o, n=name: order.append(n))
              for name, m in model.named_modules() if isinstance(m, types)]

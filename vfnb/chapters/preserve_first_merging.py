@@ -58,6 +58,8 @@ class PairResult:
     explorer: dict[int, dict[str, Any]] = field(default_factory=dict)      # l -> curve, accuracy, ratios
     structure: dict[int, dict[str, Any]] = field(default_factory=dict)     # l -> what is preserved / averaged
     cca_reg: dict[float, dict[str, float]] = field(default_factory=dict)   # CCA shrinkage -> training accuracy
+    models: tuple[nn.Module, nn.Module] | None = None                      # the edge pair, as loaded from the zoo
+    perm: Permutation | None = None                                        # AM's alignment of model b to model a
 
 
 @dataclass
@@ -153,9 +155,9 @@ def _vgg_pair(cfg: Config, a: nn.Module, b: nn.Module, data: VisionData, mdata: 
     bn = any(isinstance(m, BN_TYPES) for m in a.modules())
     cols = COLUMNS[bn]
     edge_cost = count_cost(a, x)
-    pr = PairResult(edge_acc=[_acc(a, data), _acc(b, data)], ensemble=0.0, edge_cost=edge_cost)
+    pr = PairResult(edge_acc=[_acc(a, data), _acc(b, data)], ensemble=0.0, edge_cost=edge_cost, models=(a, b))
     t = time.perf_counter()
-    am = activation_matching(a, b, mdata, example_input=x)
+    am = pr.perm = activation_matching(a, b, mdata, example_input=x)
     seconds["activation matching"] = seconds.get("activation matching", 0) + time.perf_counter() - t
     pb = apply_permutation(b, am)
     pr.ensemble = _acc(preserve_first(a, b, am, layers=L, alpha=alpha), data)
