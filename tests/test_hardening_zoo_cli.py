@@ -363,5 +363,5 @@ def test_python_m_vfnb_train_unknown_model_has_no_traceback():
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
         "error: parameter 'model' = 'vgg99' is not allowed: it must be one of mlp, vgg11, vgg13, vgg16, vgg19, "
-        "resnet20"], proc.stderr
+        "resnet20, vit, convnext, mobilenet"], proc.stderr
     assert proc.stdout == ""

@@ -162,7 +162,7 @@ def test_weight_matching_equals_the_textbook_descent_on_a_random_pair(data):
     torch.manual_seed(1)
     b = build_model("vgg11", **kw)
     x = data.tensors()[0][:2]
-    found = weight_matching(a, b, x, seed=4)
+    found = weight_matching(a, b, x, seed=4, orders=1)
     want = reference_weight_matching(a, b, permutation_spec(a, x), seed=4)
     assert found == Permutation(found.spec, tuple(want))
     assert found != identity_permutation(found.spec)

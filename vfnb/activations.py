@@ -228,6 +228,17 @@ class CrossMoments:
         mx, my = self.sx / n, self.sy / n
         return ((self.sxx / n - mx * mx).clamp_min(0).sqrt().cpu(), (self.syy / n - my * my).clamp_min(0).sqrt().cpu())
 
+    def constant(self, rtol: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per unit of x and of y: True where its variance on the data is zero (up to rounding: below
+        ``rtol`` times its mean square), e.g. a ReLU that never fires."""
+        n = max(self.n, 1)
+        out = []
+        for s, ss in ((self.sx, self.sxx), (self.sy, self.syy)):
+            mean_sq = ss / n
+            var = mean_sq - (s / n) ** 2
+            out.append((var <= rtol * mean_sq.clamp_min(1e-300)).cpu())
+        return out[0], out[1]
+
     def corr(self, eps: float = 1e-12) -> torch.Tensor:
         """Pearson correlation matrix ``[x units, y units]``; zero-variance units get 0, never NaN."""
         n = max(self.n, 1)
@@ -290,11 +301,15 @@ class _Float64Views:
         return self.flat[i][:moved.numel()].view(moved.shape).copy_(moved).view(size, -1)
 
 
-def _pair_hook(stats: PairStats, axis: int, size: int, views: _Float64Views, prev=None, chunk: int = 1 << 22):
-    """Feed an activation pair to ``stats`` as float64 ``[size, samples]``, in chunks of the batch axis."""
+def _pair_hook(stats: PairStats, axis: int, size: int, views: _Float64Views, prev=None, chunk: int = 1 << 22,
+               take: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """Feed an activation pair to ``stats`` as float64 ``[size, samples]``, in chunks of the batch axis
+    (``take`` first selects the captured units when they do not fill the axis in order)."""
     def hook(a: torch.Tensor, b: torch.Tensor) -> None:
         if prev is not None:
             prev(a, b)
+        if take is not None:
+            a, b = take(a), take(b)
         step = max(1, chunk // max(1, a[:1].numel())) if axis else a.shape[0]
         for i in range(0, a.shape[0], step):
             stats.add(views(0, a[i:i + step], axis, size), views(1, b[i:i + step], axis, size))
@@ -322,7 +337,8 @@ def collect_paired(model_a: nn.Module, model_b: nn.Module, spec: Any, groups: Se
         g = spec.groups[gi]
         for c in g.captures:
             stats[(gi, c.node)] = m = make_stats(g.size, device)
-            hooks[c.node] = _pair_hook(m, c.axis, g.size, views, hooks.get(c.node))
+            hooks[c.node] = _pair_hook(m, c.axis, g.size, views, hooks.get(c.node),
+                                       take=None if c.positions is None else c.take)
     modes = (model_a.training, model_b.training)
     model_a.eval(), model_b.eval()
     seen = 0

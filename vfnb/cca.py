@@ -238,6 +238,7 @@ def cca_matching(model_a: nn.Module, model_b: nn.Module, data, example_input: to
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     first, stream = peek(data, batch_size, model_a, "CCA matching")
     spec = permutation_spec(model_a, first[:2] if example_input is None else example_input)
+    spec.check_in_order("CCA merging", active_groups(spec, layers))
     active = active_groups(spec, layers)
     _check_linear_spec(spec, model_b, active)  # fail before the data pass
     stats = collect_paired(model_a, model_b, spec, active, stream, JointMoments, max_batches)

@@ -106,7 +106,9 @@ class PreserveFirst(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         za, zb = self.stems[0](x), self.stems[1](x)
         a = self.alpha
-        return self.tail(*[(1 - a) * u + a * v for u, v in zip(za, zb)])
+        # sizes and shapes that cross the cut (a transformer's x.shape) are the same in both stems
+        return self.tail(*[(1 - a) * u + a * v if isinstance(u, torch.Tensor) and u.is_floating_point() else u
+                           for u, v in zip(za, zb)])
 
     def extra_repr(self) -> str:
         return (f"PFM_{self.layers}/{self.num_layers}, alpha={self.alpha:g}, normalize={self.normalize}, "
@@ -252,12 +254,12 @@ def _mapped_stem(model_b: nn.Module, cut: Cut, alignment: LinearAlignment) -> fx
     values = list(out) if isinstance(out, (tuple, list)) else [out]
     root = copy.deepcopy(model_b)
     maps = nn.ModuleList()
-    meta = {n.name: n.meta.get("tensor_meta") for n in alignment.spec.graph.nodes}
+    meta = {n.name: n.meta.get("vfnb_shape") for n in alignment.spec.graph.nodes}
     for i, name in enumerate(cut.crossing):
         g = group_of_value(alignment.spec, name, model_b)
         if g is None:
             continue
-        shape = tuple(meta[name].shape) if meta.get(name) is not None else None
+        shape = meta.get(name)
         if shape is None:
             raise UnsupportedOperationError(f"no shape recorded for {name!r}; cannot map it into model a's basis")
         _, block = block_of(shape, alignment.spec.groups[g].size)

@@ -201,6 +201,7 @@ def _correlation(n: int, s: torch.Tensor, ss: torch.Tensor, lo: torch.Tensor, hi
 
 def _check_sequential(spec: PermutationSpec, model: nn.Module) -> None:
     modules = dict(model.named_modules())
+    spec.check_in_order("ZipIt!")
     for g in spec.groups:
         if len(g.producers) != 1:
             raise UnsupportedOperationError(
