@@ -7,7 +7,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.vfnb-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv book test test-fast bench clean distclean
+.PHONY: help venv book test test-fast bench census clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -31,11 +31,15 @@ test: $(STAMP)  ## all tests: unit, smoke run of every chapter, smoke book in he
 test-fast: $(STAMP)  ## tests without notebook runs, book builds or browser
 	$(PY) -m pytest -q -m "not slow and not browser"
 
-bench: $(STAMP)  ## wall times against their goals (smoke chapters 30 s each; §4 cpu 180 s cold, 30 s warm; WM 2 s, AM 1.5x forward; REPAIR α sweep <= 2 passes per α)
+bench: $(STAMP)  ## wall times against their goals (smoke chapters 30 s each; §4 cpu 180 s cold, 30 s warm; WM 2 s and 5x the plain Git Re-Basin descent, AM 1.5x forward; REPAIR α sweep <= 2 passes per α)
 	$(PY) benchmarks/bench_smoke_chapters.py
 	$(PY) benchmarks/bench_chapter4.py
 	$(PY) benchmarks/bench_matching.py
 	$(PY) benchmarks/bench_repair_sweep.py
+	$(PY) benchmarks/bench_wm_reference.py --quick
+
+census: $(STAMP)  ## the alignment engine over torchvision's 80 classification models (slow; writes benchmarks/results/census.json)
+	$(PY) benchmarks/bench_census.py --json benchmarks/results/census.json
 
 clean:  ## remove build outputs (keeps the virtualenv and the trained-model cache)
 	rm -rf $(OUT) .pytest_cache

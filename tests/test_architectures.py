@@ -114,6 +114,8 @@ FAMILIES = {
     "stochastic depth + layer scale (ConvNeXt)": lambda: torchvision.models.ConvNeXt(
         [CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], stochastic_depth_prob=0.2, num_classes=5),
     "attention (ViT)": _vit,
+    "attention (ViT, 4 patches)": lambda: torchvision.models.VisionTransformer(
+        image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=8, num_classes=5),
     "attention by hand": HandAttention,
     "shifted windows (Swin)": _swin,
     "token mixing (MLP-Mixer)": Mixer,
@@ -134,7 +136,7 @@ def _randomized(model: nn.Module) -> nn.Module:
     return model.double().eval()
 
 
-SMALL_INPUT = {"attention (ViT)", "attention by hand", "shifted windows (Swin)", "token mixing (MLP-Mixer)"}
+SMALL_INPUT = {"attention (ViT)", "attention (ViT, 4 patches)", "attention by hand", "shifted windows (Swin)", "token mixing (MLP-Mixer)"}
 
 
 def _pair(name):
@@ -235,3 +237,17 @@ class Einsum3(nn.Module):
 def test_unsupported_operations_name_the_operation(model, match):
     with pytest.raises(UnsupportedOperationError, match=match):
         permutation_spec(model, torch.randn(2, 3))
+
+
+def test_the_architectures_page_examples_run():
+    """book/architectures.md: its examples run as written and its census line is filled in."""
+    import re
+    from conftest import ROOT
+    text = (ROOT / "book" / "architectures.md").read_text()
+    assert "CENSUS_RESULT" not in text
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 4
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "architectures.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    assert [g.size for g in namespace["spec"].groups][:1] == [48]

@@ -483,8 +483,9 @@ class _Analysis(fx.Interpreter):
         ids = torch.unique(torch.cat([t[t > 0] for t in inputs])) if inputs else torch.empty(0, dtype=torch.long)
         if any(self.kind_of(i) != "param" for i in ids.tolist()):
             raise UnsupportedOperationError(
-                f"cannot tell how {_where(n)} acts on permuted units ({what}); vfnb follows "
-                f"{'; '.join(f'{k}: {v}' for k, v in SUPPORTED_OPERATIONS.items())}")
+                f"cannot tell how {_where(n)} acts on permuted units ({what}). vfnb follows layers, norms, "
+                "element-wise ops, data movement and attention (vfnb.graph.SUPPORTED_OPERATIONS; the book page "
+                "'Which models vfnb can align'); rewrite this step with those, or keep its input unpermuted")
         self.fix(ids)  # parameters read by an operation vfnb does not model stay where they are
         return _fixed_like(value)
 
@@ -531,8 +532,7 @@ class _Analysis(fx.Interpreter):
             return x if isinstance(value, torch.Tensor) and x.shape == value.shape else self.unknown(
                 n, [x], value, name)
         if name in _BINARY_METHODS:
-            return self.binary([args[0], *[a for a in list(args[1:]) + list(kwargs.values())]], value,
-                               reals=[real_args[0], *list(real_args[1:]) + list(real_kwargs.values())])
+            return self.binary(list(args) + list(kwargs.values()), value)
         if name in _SHAPE_METHODS:
             call = "reshape" if name == "view" else name  # labels may be non-contiguous views
             return self.shape(lambda t, *a, **k: getattr(t, call)(*a, **k), args, kwargs, value,
@@ -557,8 +557,7 @@ class _Analysis(fx.Interpreter):
                 self.fail("is stochastic depth in training mode (put the model in eval mode)")
             return x
         if fn in _BINARY_FUNCTIONS:
-            return self.binary(list(args) + list(kwargs.values()), value,
-                               reals=list(real_args) + list(real_kwargs.values()))
+            return self.binary(list(args) + list(kwargs.values()), value)
         if fn in _SHAPE_FUNCTIONS or name in _SHAPE_NAMES:
             return self.shape(fn, args, kwargs, value, reals=(real_args, real_kwargs))
         if fn is F.pad:
@@ -688,7 +687,7 @@ class _Analysis(fx.Interpreter):
             self.pair(p.expand(x.shape), x)
         return x
 
-    def binary(self, labs: list, value: torch.Tensor, reals: list | None = None) -> torch.Tensor:
+    def binary(self, labs: list, value: torch.Tensor) -> torch.Tensor:
         """Element-wise op: what meets at one position is tied (a fixed value fixes the units it meets),
         except that an operand broadcast along the other's unit axes (a scalar gain, a spatial mask)
         ties nothing."""
@@ -1013,7 +1012,7 @@ def _build_spec(model: nn.Module, gm: fx.GraphModule, an: _Analysis,
                                             f"along {len(varying)} axes {varying}; vfnb permutes one axis per "
                                             "group of a parameter")
         a = varying[0]
-        line = cls.take(np.arange(cls.shape[a]), axis=a).reshape(cls.shape[a], -1)[:, 0]
+        line = np.moveaxis(cls, a, 0).reshape(cls.shape[a], -1)[:, 0]
         _axis_entries(entries, unit_of, sizes, key, a, None, line, shape[a])
 
     counted = {n for n in an.layer_nodes if n.op == "call_module"
