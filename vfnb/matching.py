@@ -90,7 +90,7 @@ def _objective(spec: PermutationSpec, sa: dict, sb: dict, perms: Sequence[torch.
 
 def weight_matching(model_a: nn.Module, model_b: nn.Module, example_input: torch.Tensor, seed: int = 0,
                     max_iter: int = 100, layers: int | None = None,
-                    dtype: torch.dtype = torch.float32, orders: int = 3) -> Permutation:
+                    dtype: torch.dtype = torch.float32, orders: int = 2) -> Permutation:
     """Permutation of ``model_b`` maximizing Σ ⟨W_a, π(W_b)⟩ over every permuted tensor (Git Re-Basin).
 
     Coordinate descent: each sweep visits the groups in a random order
@@ -105,9 +105,11 @@ def weight_matching(model_a: nn.Module, model_b: nn.Module, example_input: torch
     its objective stayed 8-15 % below the true inverse's from 10 identity starts), so it is run
     ``orders`` times, with visiting orders from seeds ``seed, seed+1, ...``, and the permutation with
     the largest total objective is kept (the first one on ties). Even runs start from the identity
-    (run 0 is Git Re-Basin's algorithm); odd runs start from each group solved on the terms that
-    involve no other group (biases, norm parameters, depthwise kernels), which identify a permuted
-    copy exactly.
+    (run 0 is Git Re-Basin's algorithm; ``orders=1`` is exactly it); odd runs start from each group
+    solved on the terms that involve no other group (biases, norm parameters, depthwise kernels),
+    which identify a permuted copy exactly. Measured on two random full-width VGG16s: the warm run
+    reached an objective 0.75 % higher than the identity run and converged faster (``orders=2`` took
+    1.2x one descent); more identity runs added nothing.
 
     ``S`` is computed in ``dtype`` (float32 by default: about 1.5-2x faster than float64 here, with the
     same permutations on the benchmark pair); an "improvement" must then exceed the float32 rounding
