@@ -226,3 +226,78 @@ def test_bad_inputs_get_clear_errors():
     vgg.train()
     permutation_spec(vgg, torch.randn(1, *CIFAR))  # batch of one is fine; the mode is restored
     assert vgg.training
+
+
+# ---------------------------------------------------------------------------------------------------
+# Regressions from a hostile review of the label engine: each model once gave a silently wrong spec.
+class _Two(nn.Module):
+    def __init__(self, cin=3, c=4, out=2, fn=None, head_in=None):
+        super().__init__()
+        self.a, self.head, self.fn = nn.Conv2d(cin, c, 3, padding=1), nn.Conv2d(head_in or c, out, 1), fn
+        self.alpha = nn.Parameter(torch.tensor(0.7))
+        self.pos = nn.Parameter(torch.randn(1, 1, 5, 5))
+        self.bound = nn.Parameter(torch.randn(1, c, 1, 1))
+        self.gate = nn.Conv2d(c, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(self.fn(self, F.relu(self.a(x))))
+
+
+def _roll_index(s, h):
+    return torch.cat([h + h.roll(2, 1), h[:, [2, 1, 0, 3]]], 1)
+
+
+HOSTILE = {
+    "scalar gain on the right": dict(fn=lambda s, h: h + h * s.alpha),
+    "spatial gate (CBAM)": dict(fn=lambda s, h: h * torch.sigmoid(s.gate(h))),
+    "spatial bias": dict(fn=lambda s, h: h + s.pos),
+    "clamp with a tensor bound": dict(fn=lambda s, h: torch.clamp(h, max=s.bound)),
+    "maxout over channel pairs": dict(fn=lambda s, h: h.view(h.shape[0], 2, 2, 5, 5).amax(2), head_in=2),
+    "mean of a stack": dict(fn=lambda s, h: torch.stack([h, h * 2]).mean(0)),
+    "tied units reordered (roll, fancy index)": dict(fn=_roll_index, head_in=8),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_models_keep_the_function(name):
+    torch.manual_seed(0)
+    model = _Two(**HOSTILE[name]).double().eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    spec = permutation_spec(model, x)
+    for seed in range(4):
+        permuted = apply_permutation(model, random_permutation(spec, seed=seed))
+        with torch.no_grad():
+            assert (model(x) - permuted(x)).abs().max() <= 1e-9 * model(x).abs().max(), seed
+
+
+def test_outer_products_and_parametrized_weights_are_refused():
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(3, 4), nn.Linear(3, 5), nn.Linear(20, 2)
+
+        def forward(self, x):
+            return self.head((self.a(x)[:, :, None] * self.b(x)[:, None, :]).flatten(1))
+
+    with pytest.raises(UnsupportedOperationError, match="outer product"):
+        permutation_spec(Outer(), torch.randn(2, 3))
+    normed = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedOperationError, match="parametrized weight"):
+        permutation_spec(normed, torch.randn(2, 3))
+
+
+def test_an_embedding_tied_to_the_output_layer_stays_fixed():
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid = nn.Embedding(7, 4), nn.Linear(4, 4)
+
+        def forward(self, idx):
+            return F.linear(torch.tanh(self.mid(self.emb(idx))), self.emb.weight)
+
+    model = TiedLM().double().eval()
+    idx = torch.randint(0, 7, (2, 3))
+    spec = permutation_spec(model, idx)
+    permuted = apply_permutation(model, random_permutation(spec, seed=1))
+    with torch.no_grad():
+        assert torch.allclose(model(idx), permuted(idx), atol=1e-12)

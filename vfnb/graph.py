@@ -194,8 +194,8 @@ _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GE
 _SAME_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                  nn.FeatureAlphaDropout, nn.Softmax, nn.LogSoftmax, nn.Softmax2d)
 _POOL_MODULES = {1: (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d),
-                 2: (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample,
-                     nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d),
+                 2: (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d),
+                 0: (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d),
                  3: (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)}
 _SHAPE_MODULES = (nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.ZeroPad2d, nn.ConstantPad2d)
 
@@ -218,8 +218,8 @@ _SHAPE_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.permut
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp,
                      torch.prod, torch.norm}
 _POOL_FUNCTIONS = {**dict.fromkeys([F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d], 1),
-                   **dict.fromkeys([F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
-                                    F.interpolate, F.upsample], 2),
+                   **dict.fromkeys([F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d], 2),
+                   **dict.fromkeys([F.interpolate, F.upsample], 0),  # 0: every axis after the channels
                    **dict.fromkeys([F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d], 3)}
 _MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}
 #: functions that only move data, known by name (torchvision wraps them as fx leaves)
@@ -368,6 +368,7 @@ class _Analysis(fx.Interpreter):
         self.axis_ranges: dict[tuple[str, int, tuple | None], tuple[int, int]] = {}
         self.param_ranges: dict[str, tuple[int, tuple[int, ...]]] = {}
         self.preserved: list[torch.Tensor] = []
+        self.roles: dict[tuple[str, int, tuple | None], torch.Tensor] = {}
         self.acts: list[tuple[str, int, torch.Tensor]] = []           # nonlinearity outputs: (node, axis, labels)
         self.inputs: list[tuple[str, int, torch.Tensor]] = []         # values read by layers
         self.outputs: list[tuple[str, int, torch.Tensor]] = []        # layer outputs (the last resort)
@@ -394,6 +395,13 @@ class _Analysis(fx.Interpreter):
             self.axis_ranges[k] = (int(self.new(n, "axis")[0]), n)
         start, m = self.axis_ranges[k]
         return torch.arange(start, start + m)
+
+    def tie(self, labels: torch.Tensor, key: str, axis: int, n: int, rows: tuple[int, int, int] | None = None) -> None:
+        """Tie the indices of ``axis`` of weight ``key`` to the units ``labels`` they read or write; the
+        first labels seen are kept as each index's *role* (which unit of a tied class it holds)."""
+        ids = self.axis_ids(key, axis, n, rows)
+        self.pair(ids, labels)
+        self.roles.setdefault((self.key(key), axis, rows), labels.clone())
 
     def param_ids(self, key: str) -> torch.Tensor:
         """Ids of every element of state tensor ``key``, shaped like it."""
@@ -464,12 +472,30 @@ class _Analysis(fx.Interpreter):
         if getattr(n.target, "__name__", n.target) in _CREATION:
             return self.constant(value)
         if not any((t > 0).any() for t in inputs):
+            if n.op == "call_module":  # its own parameters read only fixed values: they stay fixed
+                self.fix_module(str(n.target))
             return self.constant(value) if not inputs else _fixed_like(value)
         if n.op == "call_module":
             return self.on_module(n, self.gm.get_submodule(n.target), args, kwargs, real_args, value)
         if n.op == "call_method":
             return self.on_method(n, str(n.target), args, kwargs, real_args, real_kwargs, value)
         return self.on_function(n, n.target, args, kwargs, real_args, real_kwargs, value)
+
+    def finish(self) -> None:
+        """A weight read both as a layer weight and elsewhere as a fixed value (an embedding tied to an
+        output layer) keeps its axes fixed."""
+        for (key, axis, rows), (start, n) in self.axis_ranges.items():
+            if key in self.param_ranges:
+                ids = self.param_ids(key).reshape(-1).tolist()
+                if any(self.uf.find(i) == 0 for i in ids):
+                    self.fix(torch.arange(start, start + n))
+
+    def fix_module(self, name: str) -> None:
+        """Every state tensor of module ``name`` stays where it is (an opaque module, or one that reads
+        only fixed values: an input embedding whose weight is tied to an output layer)."""
+        for key in self.state:
+            if key.startswith(name + ".") and self.state[key].is_floating_point():
+                self.fix(self.param_ids(key))
 
     def constant(self, value: Any) -> Any:
         """Labels of a value computed without the input: NONE where it is one constant (zeros, padding)."""
@@ -503,7 +529,8 @@ class _Analysis(fx.Interpreter):
             return x
         for k, types in _POOL_MODULES.items():
             if isinstance(mod, types):
-                return self.mix(x, list(range(x.dim() - k, x.dim())), value, "pools over the permuted axis")
+                return self.mix(x, list(range(x.dim() - (k or x.dim() - 2), x.dim())), value,
+                                "pools over the permuted axis")
         if isinstance(mod, BN_TYPES + (LayerNorm2d,)):
             return self.channel_norm(n, x, str(n.target))
         if isinstance(mod, nn.GroupNorm):
@@ -519,6 +546,7 @@ class _Analysis(fx.Interpreter):
             return self.shape(lambda *a: mod(*a), args, {}, value)
         if isinstance(mod, nn.MultiheadAttention):
             return self.attention(n, mod, args, kwargs, value)
+        self.fix_module(str(n.target))
         return self.unknown(n, _tensors(args), value, f"module type {type(mod).__name__}")
 
     def on_method(self, n, name, args, kwargs, real_args, real_kwargs, value):
@@ -528,6 +556,8 @@ class _Analysis(fx.Interpreter):
         if name in _ACT_METHODS:
             self.record(self.acts, n, x)
             return x
+        if name in ("clamp", "clamp_", "clip", "clip_") and len(_tensors((args[1:], kwargs))) > 0:
+            return self.binary([x, *_tensors((args[1:], kwargs))], value)
         if name in _SAME_METHODS:
             return x if isinstance(value, torch.Tensor) and x.shape == value.shape else self.unknown(
                 n, [x], value, name)
@@ -551,6 +581,8 @@ class _Analysis(fx.Interpreter):
         if fn in _ACT_FUNCTIONS:
             self.record(self.acts, n, x)
             return x
+        if fn in (torch.clamp, torch.clip) and len(_tensors((args[1:], kwargs))) > 0:
+            return self.binary([x, *_tensors((args[1:], kwargs))], value)
         if fn in _SAME_FUNCTIONS or name == "stochastic_depth":
             training = real_kwargs.get("training", real_args[3] if len(real_args) > 3 else True)
             if name == "stochastic_depth" and training and real_args[1] > 0:
@@ -569,7 +601,7 @@ class _Analysis(fx.Interpreter):
         if fn in _REDUCE_FUNCTIONS or fn in (torch.max, torch.min):
             return self.reduce(n, x, real_args, real_kwargs, value)
         if fn in _POOL_FUNCTIONS:
-            k = _POOL_FUNCTIONS[fn]
+            k = _POOL_FUNCTIONS[fn] or x.dim() - 2
             return self.mix(x, list(range(x.dim() - k, x.dim())), value, "pools over the permuted axis")
         if fn in _MATMUL_FUNCTIONS:
             return self.matmul(args[0], args[1], value)
@@ -627,16 +659,18 @@ class _Analysis(fx.Interpreter):
         if isinstance(mod, nn.Linear):
             return self.linear(n, f"{name}.weight", f"{name}.bias" if mod.bias is not None else None, x, value,
                                module=name)
-        if x.dim() == real_x.dim() - 1 or x.dim() < 2:
-            self.fail("is an unbatched convolution")
+        if f"{name}.weight" not in self.state:
+            self.fail("has a parametrized weight (weight_norm, spectral_norm, ...); remove the parametrization "
+                      "(torch.nn.utils.parametrize.remove_parametrizations) before aligning")
+        if x.dim() != {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}.get(type(mod), x.dim()):
+            self.fail("is a convolution on an unbatched input (add the batch axis)")
         self.record(self.inputs, n.args[0], x, 1)
         self.layer_nodes.append(n)
         chan = self.channels(x, 1)
         cin, cout, groups = chan.numel(), mod.out_channels, mod.groups
         wkey, bkey = f"{name}.weight", (f"{name}.bias" if mod.bias is not None else None)
-        rows = self.axis_ids(wkey, 0, cout)
         if groups == 1:
-            self.pair(self.axis_ids(wkey, 1, cin), chan)
+            self.tie(chan, wkey, 1, cin)
             out = self.origin(n, cout, name)
         elif groups == cin:  # depthwise: output channel c·m + r reads input channel c only
             out = chan.repeat_interleave(cout // cin).clamp_min(_FIX)
@@ -646,10 +680,10 @@ class _Analysis(fx.Interpreter):
             for j in range(groups):
                 seg = chan[j * m:(j + 1) * m]
                 self.preserve(seg)
-                self.pair(self.axis_ids(wkey, 1, m, rows=(0, j * k, (j + 1) * k)), seg)
+                self.tie(seg, wkey, 1, m, rows=(0, j * k, (j + 1) * k))
                 outs.append(self.origin(n, k, name))
             out = torch.cat(outs)
-        self.pair(rows, out)
+        self.tie(out, wkey, 0, cout)
         if bkey is not None:
             self.pair(self.param_ids(bkey), out)
         if groups == 1 or groups != cin:
@@ -660,13 +694,16 @@ class _Analysis(fx.Interpreter):
 
     def linear(self, n: fx.Node, wkey: str, bkey: str | None, x: torch.Tensor, value: torch.Tensor,
                module: str | None = None) -> torch.Tensor:
+        if self.key(wkey) not in self.state:
+            self.fail("has a parametrized weight (weight_norm, spectral_norm, ...); remove the parametrization "
+                      "(torch.nn.utils.parametrize.remove_parametrizations) before aligning")
         self.record(self.inputs, n.args[0], x, -1)
         self.layer_nodes.append(n)
         chan = self.channels(x, x.dim() - 1)
         cout = value.shape[-1]
-        self.pair(self.axis_ids(wkey, 1, chan.numel()), chan)
+        self.tie(chan, wkey, 1, chan.numel())
         out = self.origin(n, cout, module or wkey.rsplit(".", 1)[0])
-        self.pair(self.axis_ids(wkey, 0, cout), out)
+        self.tie(out, wkey, 0, cout)
         if bkey is not None:
             self.pair(self.param_ids(bkey), out)
         self.outputs.append((n.name, value.dim() - 1, out.clone()))
@@ -688,9 +725,11 @@ class _Analysis(fx.Interpreter):
         return x
 
     def binary(self, labs: list, value: torch.Tensor) -> torch.Tensor:
-        """Element-wise op: what meets at one position is tied (a fixed value fixes the units it meets),
-        except that an operand broadcast along the other's unit axes (a scalar gain, a spatial mask)
-        ties nothing."""
+        """Element-wise op: what meets at one position is tied (a fixed value fixes the units it meets).
+        An operand broadcast along another's unit axes (a scalar gain, a spatial gate, a positional
+        bias over tokens) is the same for every unit: it ties nothing, must itself stay fixed, and the
+        result carries the other operand's units. Units of two operands on different axes (an outer
+        product) are refused."""
         shape = value.shape
         nd = len(shape)
         ops = []
@@ -699,13 +738,20 @@ class _Analysis(fx.Interpreter):
                 full = (1,) * (nd - lab.dim()) + tuple(lab.shape)
                 b = torch.broadcast_to(lab, shape)
                 ops.append((full, b, set(_varying_axes(b))))
-        for i, (fi, bi, vi) in enumerate(ops):
-            for fj, bj, vj in ops[i + 1:]:
-                if (vi and all(fj[a] == 1 for a in vi)) or (vj and all(fi[a] == 1 for a in vj)):
-                    continue
+        under = [any(vi and all(fj[a] == 1 for a in vi) for k, (_, _, vi) in enumerate(ops) if k != j)
+                 for j, (fj, _, _) in enumerate(ops)]
+        for j, (fj, bj, vj) in enumerate(ops):
+            if under[j]:
+                ids = torch.unique(bj[bj > 0])
+                if vj and any(self.kind_of(i) == "unit" for i in ids.tolist()):
+                    self.fail("combines permuted units that lie on different axes (an outer product)")
+                self.fix(ids)
+        kept = [b for (_, b, _), u in zip(ops, under) if not u] or [ops[0][1]]
+        for i, bi in enumerate(kept):
+            for bj in kept[i + 1:]:
                 self.pair(bi, bj)
-        out = torch.stack([b for _, b, _ in ops]).amax(0) if len(ops) > 1 else ops[0][1].clone()
-        return self.canon(out) if any((b == _FIX).any() for _, b, _ in ops) else out
+        out = torch.stack(kept).amax(0) if len(kept) > 1 else kept[0].clone()
+        return self.canon(out) if any((b == _FIX).any() for b in kept) else out
 
     def canon(self, lab: torch.Tensor) -> torch.Tensor:
         """``lab`` with every id that has been fixed replaced by FIX."""
@@ -751,7 +797,9 @@ class _Analysis(fx.Interpreter):
         if set(_varying_axes(x)) & set(axes):
             self.fail(why)
         hi = x.amax(axes, keepdim=True) if axes else x
-        return torch.broadcast_to(hi, value.shape).clone()
+        results = _tensors(value)  # (values, indices) of a pooling with return_indices
+        return (tuple(torch.broadcast_to(hi, r.shape).clone() for r in results) if len(results) > 1
+                else torch.broadcast_to(hi, results[0].shape).clone())
 
     def reduce(self, n, x, real_args, real_kwargs, value):
         """Reductions: over the units' axis they are symmetric (the result is fixed); elsewhere the
@@ -766,11 +814,16 @@ class _Analysis(fx.Interpreter):
             self.fail("reduces with a tensor argument")
         dims = list(range(x.dim())) if dim is None else sorted({int(d) % x.dim() for d in
                                                                 (dim if isinstance(dim, (list, tuple)) else [dim])})
-        over_units = bool(set(_varying_axes(x)) & set(dims))
+        varying = set(_varying_axes(x))
+        over_units = bool(varying & set(dims))
         if name in ("max", "min") and dim is not None and over_units:
             self.fail("takes an argmax/argmin over the permuted axis")
         lab = x.amax(dims, keepdim=keep) if dims else x
-        if over_units:
+        if over_units and varying - set(dims):
+            # units folded onto a kept axis (maxout, a sum over a split channel axis, a mean over
+            # heads): what is reduced into one output position moves together
+            self.pair(x, x.amax(dims, keepdim=True).expand_as(x))
+        elif over_units:
             lab = torch.zeros_like(lab)
         results = _tensors(value)
         return (tuple(torch.broadcast_to(lab, r.shape).clone() for r in results) if len(results) > 1
@@ -842,7 +895,7 @@ class _Analysis(fx.Interpreter):
         pairwise (their dot products must not change), v units with the output projection's input;
         every unit stays in its head. Returns the labels of the output projection's units."""
         self.layer_nodes.append(n)
-        self.pair(self.axis_ids(in_w, 1, chan.numel()), chan)
+        self.tie(chan, in_w, 1, chan.numel())
         q, k, v = self.origin(n, embed, name), self.origin(n, embed, name), self.origin(n, embed, name)
         self.pair(q, k)
         d = embed // heads
@@ -850,12 +903,12 @@ class _Analysis(fx.Interpreter):
             self.preserve(q[h * d:(h + 1) * d])
             self.preserve(v[h * d:(h + 1) * d])
         qkv = torch.cat([q, k, v])
-        self.pair(self.axis_ids(in_w, 0, 3 * embed), qkv)
+        self.tie(qkv, in_w, 0, 3 * embed)
         if in_b is not None:
             self.pair(self.param_ids(in_b), qkv)
-        self.pair(self.axis_ids(out_w, 1, embed), v)
+        self.tie(v, out_w, 1, embed)
         out = self.origin(n, embed, out_w.rsplit(".", 1)[0])
-        self.pair(self.axis_ids(out_w, 0, embed), out)
+        self.tie(out, out_w, 0, embed)
         if out_b is not None:
             self.pair(self.param_ids(out_b), out)
         return out.expand(value_shape).clone()
@@ -924,6 +977,7 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> Permutati
         try:
             with torch.no_grad():
                 an.run(x)
+            an.finish()
         except UnsupportedOperationError:
             raise
         except Exception as err:  # noqa: BLE001
@@ -996,11 +1050,20 @@ def _build_spec(model: nn.Module, gm: fx.GraphModule, an: _Analysis,
     unit_of = {r: (gi, k) for gi, rs in enumerate(atoms_sorted) for k, r in enumerate(rs)}
     sizes = [len(rs) for rs in atoms_sorted]
 
+    rank: dict[int, int] = {}  # a unit's place among the units of its class (tied units keep their roles)
+    seen_in: dict[int, int] = {}
+    for o in an.origins:
+        for u, r in zip(range(o.start, o.start + o.size), roots[o.start:o.start + o.size].tolist()):
+            if r in unit_of:
+                rank[u] = seen_in.get(r, 0)
+                seen_in[r] = rank[u] + 1
     live_root = np.zeros(len(roots), dtype=bool)
     live_root[np.fromiter(unit_of, dtype=np.int64, count=len(unit_of))] = True
     entries: list[list[Entry]] = [[] for _ in atoms_sorted]
     for (key, axis, rows), (start, n) in an.axis_ranges.items():
-        _axis_entries(entries, unit_of, sizes, key, axis, rows, roots[start:start + n], shapes[key][axis])
+        roles = an.roles.get((key, axis, rows))
+        order = None if roles is None else [rank.get(r, -1) for r in roles.tolist()]
+        _axis_entries(entries, unit_of, sizes, key, axis, rows, roots[start:start + n], shapes[key][axis], order)
     for key, (start, shape) in an.param_ranges.items():
         cls = roots[start:start + max(1, math.prod(shape))].reshape(shape) if shape else roots[start:start + 1]
         live = live_root[cls]
@@ -1018,7 +1081,7 @@ def _build_spec(model: nn.Module, gm: fx.GraphModule, an: _Analysis,
     counted = {n for n in an.layer_nodes if n.op == "call_module"
                and isinstance(gm.get_submodule(n.target), WEIGHT_TYPES)}
     lp, main, total = layer_depths(gm.graph, counted)
-    captures = _captures(an, roots, unit_of, sizes)
+    captures = _captures(an, roots, unit_of, sizes, rank)
     groups = []
     for gi, rs in enumerate(atoms_sorted):
         origin_ids = sorted({oi for r in rs for oi in sig[r] if oi < n_orig})
@@ -1036,14 +1099,21 @@ def _build_spec(model: nn.Module, gm: fx.GraphModule, an: _Analysis,
     return PermutationSpec(tuple(groups), layers, total, _type_name(model), shapes, gm.graph)
 
 
-def _positions(unit_of: dict[int, tuple[int, int]], sizes: list[int], line: np.ndarray, what: str
-               ) -> dict[int, tuple[int, tuple[int, ...] | None]]:
-    """``{group: (block, positions or None)}`` for one axis whose index ``i`` holds class ``line[i]``."""
+def _positions(unit_of: dict[int, tuple[int, int]], sizes: list[int], line: np.ndarray, what: str,
+               order: list[int] | None = None) -> dict[int, tuple[int, tuple[int, ...] | None]]:
+    """``{group: (block, positions or None)}`` for one axis whose index ``i`` holds class ``line[i]``.
+    A class of several tied units owns several indices; they are listed by ``order[i]``, the rank of
+    the unit index ``i`` holds within its class (its role), then by index."""
     per: dict[int, dict[int, list[int]]] = {}
     for i, r in enumerate(line.tolist()):
         gk = unit_of.get(r)
         if gk is not None:
             per.setdefault(gk[0], {}).setdefault(gk[1], []).append(i)
+    if order is not None:
+        for units in per.values():
+            for idx in units.values():
+                if len(idx) > 1:
+                    idx.sort(key=lambda i: (order[i], i))
     out = {}
     for g, units in per.items():
         counts = {len(v) for v in units.values()}
@@ -1056,13 +1126,13 @@ def _positions(unit_of: dict[int, tuple[int, int]], sizes: list[int], line: np.n
     return out
 
 
-def _axis_entries(entries, unit_of, sizes, key, axis, rows, line, length) -> None:
+def _axis_entries(entries, unit_of, sizes, key, axis, rows, line, length, order=None) -> None:
     where = f"axis {axis} of {key!r}" + (f" (rows {rows[1]}:{rows[2]})" if rows else "")
-    for g, (block, pos) in _positions(unit_of, sizes, np.asarray(line), where).items():
+    for g, (block, pos) in _positions(unit_of, sizes, np.asarray(line), where, order).items():
         entries[g].append(Entry(key, axis, block, pos, rows))
 
 
-def _captures(an: _Analysis, roots: np.ndarray, unit_of, sizes) -> list[tuple[Capture, ...]]:
+def _captures(an: _Analysis, roots: np.ndarray, unit_of, sizes, rank) -> list[tuple[Capture, ...]]:
     """Per group: the nonlinearity outputs that hold all its units (else the values layers read,
     else the layer outputs)."""
     out: list[tuple[Capture, ...]] = [() for _ in sizes]
@@ -1070,7 +1140,8 @@ def _captures(an: _Analysis, roots: np.ndarray, unit_of, sizes) -> list[tuple[Ca
         tier: list[list[Capture]] = [[] for _ in sizes]
         for name, axis, labels in records:
             try:
-                per = _positions(unit_of, sizes, roots[labels.clamp_min(0).numpy()], name)
+                per = _positions(unit_of, sizes, roots[labels.clamp_min(0).numpy()], name,
+                                 [rank.get(r, -1) for r in labels.tolist()])
             except UnsupportedOperationError:
                 continue
             for g, (block, pos) in per.items():
