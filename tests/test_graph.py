@@ -301,3 +301,14 @@ def test_an_embedding_tied_to_the_output_layer_stays_fixed():
     permuted = apply_permutation(model, random_permutation(spec, seed=1))
     with torch.no_grad():
         assert torch.allclose(model(idx), permuted(idx), atol=1e-12)
+
+
+def test_padding_modules_keep_the_units():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ZeroPad2d(1), nn.ReflectionPad2d(1),
+                          nn.Conv2d(4, 2, 3)).double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    spec = permutation_spec(model, x)
+    assert [g.size for g in spec.groups] == [4]
+    permuted = apply_permutation(model, random_permutation(spec, seed=1))
+    with torch.no_grad():
+        assert torch.allclose(model(x), permuted(x), atol=1e-12)

@@ -197,7 +197,10 @@ _POOL_MODULES = {1: (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.Adapti
                  2: (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d),
                  0: (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d),
                  3: (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)}
-_SHAPE_MODULES = (nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.ZeroPad2d, nn.ConstantPad2d)
+_SHAPE_MODULES = (nn.Flatten, nn.Unflatten, nn.ChannelShuffle)
+_EDGE_PAD_MODULES = (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+                     nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
+_PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
 
 _ACT_FUNCTIONS = {F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu,
                   F.silu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardswish, F.hardsigmoid, F.hardtanh,
@@ -542,6 +545,11 @@ class _Analysis(fx.Interpreter):
         if isinstance(mod, nn.LayerNorm):
             return self.trailing_norm(x, [self.param_ids(f"{n.target}.{p}") for p in ("weight", "bias")
                                           if isinstance(getattr(mod, p, None), torch.Tensor)])
+        if isinstance(mod, _PAD_MODULES):  # constant padding: the new positions hold no unit
+            return F.pad(x, mod.padding, value=_NONE)
+        if isinstance(mod, _EDGE_PAD_MODULES):  # copies along the padded (spatial) axes only
+            return self.mix(x, list(range(x.dim() - len(mod.padding) // 2, x.dim())), value,
+                            "pads the permuted axis")
         if isinstance(mod, _SHAPE_MODULES):
             return self.shape(lambda *a: mod(*a), args, {}, value)
         if isinstance(mod, nn.MultiheadAttention):
