@@ -207,6 +207,13 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, data, example_in
     correlations are accumulated in float64 per capture point; the group's matrix is their sum,
     and ``linear_sum_assignment(maximize=True)`` solves it. Zero-variance units get an epsilon in
     the denominator, so their correlations are 0, never NaN.
+
+    Ties are broken by the weights: a unit that is constant on the data (a ReLU that never fires)
+    correlates with nothing, and a group with no capture point (the q/k/v units inside
+    ``nn.MultiheadAttention``) has no correlations at all. For these the cosine similarity of the
+    units' weights (given the other groups' permutations) decides, added at a scale (1e-6 / units)
+    that changes the assignment of live units only where their correlation sums tie to within 1e-6.
+    A permuted copy of a model is thus recovered exactly.
     """
     check_same_architecture(model_a, model_b)
     check_finite(model_a, "model_a")
