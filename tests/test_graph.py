@@ -264,10 +264,14 @@ def test_hostile_models_keep_the_function(name):
     model = _Two(**HOSTILE[name]).double().eval()
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     spec = permutation_spec(model, x)
-    for seed in range(4):
+    assert spec.group_of("a.weight") is not None and spec.group_of("a.weight").size > 1  # not vacuous
+    moved = False
+    for seed in range(6):
         permuted = apply_permutation(model, random_permutation(spec, seed=seed))
+        moved |= not torch.equal(permuted.a.weight, model.a.weight)
         with torch.no_grad():
             assert (model(x) - permuted(x)).abs().max() <= 1e-9 * model(x).abs().max(), seed
+    assert moved
 
 
 def test_outer_products_and_parametrized_weights_are_refused():

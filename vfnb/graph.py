@@ -48,7 +48,7 @@ from .models.norm import LayerNorm2d
 from .validate import UnsupportedOperationError
 
 __all__ = ["UnsupportedOperationError", "Entry", "Capture", "Group", "PermutationSpec", "Permutation", "block_index",
-           "active_groups", "SUPPORTED_OPERATIONS",
+           "active_groups",
            "permutation_spec", "random_permutation", "identity_permutation", "apply_permutation", "permute_tensor"]
 
 
@@ -69,10 +69,6 @@ class Entry(NamedTuple):
     def index(self, length: int) -> torch.Tensor:
         """The indices of the axis (of ``length`` entries) the units own, unit after unit."""
         return torch.arange(length) if self.positions is None else torch.tensor(self.positions, dtype=torch.long)
-
-    def size(self, length: int) -> int:
-        """The number of units (``length``: the axis length)."""
-        return (length if self.positions is None else len(self.positions)) // self.block
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (restricted to ``rows``) with the entry's units on axis 0: ``[units, rest]``, unit ``i``'s
@@ -240,23 +236,16 @@ _SHAPE_METHODS = {"contiguous", "flatten", "unflatten", "view", "reshape", "perm
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod", "norm"}
 _META_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "stride"}
 
-#: What the engine supports, by kind of operation (printed in the book's "supported operations" page).
-SUPPORTED_OPERATIONS: dict[str, str] = {
-    "layers": "nn.Conv1d/2d/3d (dense, grouped, depthwise), nn.Linear on the last axis, F.linear with a "
-              "parameter weight, nn.MultiheadAttention, torchvision's shifted-window attention",
-    "norms": "BatchNorm, LayerNorm (over the permuted axis or others), vfnb's LayerNorm2d, GroupNorm, F.layer_norm",
-    "element-wise": "activations, dropout of any kind, stochastic depth in eval mode, softmax, normalize, "
-                    "additions, products, gates, layer scales, comparisons, where/masked_fill",
-    "data movement": "view, reshape, flatten, permute, transpose, movedim, cat, stack, chunk, split, unbind, "
-                     "indexing and slicing, roll, flip, pad, expand, repeat, channel shuffle",
-    "mixing over other axes": "pooling and upsampling over spatial axes, reductions (mean, sum, max, ...) over "
-                              "any axis, matmul on other axes (token mixing, attention)",
-}
-
 _NONE, _FIX = -1, 0
 _LAYER_MODULES = WEIGHT_TYPES + (nn.MultiheadAttention,)
 _CREATION = {"zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "new_ones", "new_full", "new_empty",
              "new_tensor", "zeros", "ones", "full", "empty", "arange", "tensor", "rand_like", "randn_like"}
+
+
+def _makes_units(fn: Any) -> bool:
+    """A function that creates units even from fixed inputs: ``F.linear`` and torchvision's (fx-wrapped)
+    shifted-window attention."""
+    return fn is F.linear or getattr(fn, "__name__", "").startswith("shifted_window_attention")
 
 
 def _type_name(model: nn.Module) -> str:
@@ -469,8 +458,7 @@ class _Analysis(fx.Interpreter):
         inputs = _tensors((args, kwargs))
         if n.op == "call_module" and isinstance(self.gm.get_submodule(n.target), _LAYER_MODULES):
             return self.on_module(n, self.gm.get_submodule(n.target), args, kwargs, real_args, value)
-        if n.op == "call_function" and (n.target is F.linear or getattr(n.target, "__name__", "").startswith(
-                "shifted_window_attention")):
+        if n.op == "call_function" and _makes_units(n.target):
             return self.on_function(n, n.target, args, kwargs, real_args, real_kwargs, value)
         if getattr(n.target, "__name__", n.target) in _CREATION:
             return self.constant(value)
@@ -513,7 +501,7 @@ class _Analysis(fx.Interpreter):
         if any(self.kind_of(i) != "param" for i in ids.tolist()):
             raise UnsupportedOperationError(
                 f"cannot tell how {_where(n)} acts on permuted units ({what}). vfnb follows layers, norms, "
-                "element-wise ops, data movement and attention (vfnb.graph.SUPPORTED_OPERATIONS; the book page "
+                "element-wise ops, data movement and attention (the book page "
                 "'Which models vfnb can align'); rewrite this step with those, or keep its input unpermuted")
         self.fix(ids)  # parameters read by an operation vfnb does not model stay where they are
         return _fixed_like(value)
@@ -522,7 +510,7 @@ class _Analysis(fx.Interpreter):
     def on_module(self, n, mod, args, kwargs, real_args, value):
         x = args[0] if args else None
         if isinstance(mod, WEIGHT_TYPES):
-            return self.layer(n, mod, str(n.target), x, real_args[0], value)
+            return self.layer(n, mod, str(n.target), x, value)
         if isinstance(mod, _ACT_MODULES):
             if isinstance(mod, nn.PReLU) and mod.weight.numel() > 1:
                 return self.binary([x, self.param_ids(f"{n.target}.weight").view(-1, *[1] * (x.dim() - 2))], value)
@@ -631,8 +619,7 @@ class _Analysis(fx.Interpreter):
             q, k, v = args[:3]
             logits = self.matmul(q, k.transpose(-2, -1), None)
             return self.matmul(logits, v, value)
-        if name == "shifted_window_attention" or name == "shifted_window_attention_v2" or \
-                name.startswith("shifted_window_attention"):
+        if name.startswith("shifted_window_attention"):
             return self.window_attention(n, args, real_args, real_kwargs, value)
         return self.unknown(n, _tensors((args, kwargs)), value, f"function {name}")
 
@@ -661,8 +648,7 @@ class _Analysis(fx.Interpreter):
             self.pair(moved[mixed], hi[:, None].expand_as(moved)[mixed])
         return hi
 
-    def layer(self, n: fx.Node, mod: nn.Module, name: str, x: torch.Tensor, real_x: torch.Tensor,
-              value: torch.Tensor) -> torch.Tensor:
+    def layer(self, n: fx.Node, mod: nn.Module, name: str, x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """conv/linear: the input units tie to the weight's input axis; the outputs are new units."""
         if isinstance(mod, nn.Linear):
             return self.linear(n, f"{name}.weight", f"{name}.bias" if mod.bias is not None else None, x, value,
