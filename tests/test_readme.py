@@ -18,7 +18,7 @@ def test_the_readme_has_library_examples() -> None:
     assert len(blocks) >= 2
     calls = "".join(blocks)
     for name in ("interpolate", "activation_matching", "apply_permutation", "repair", "rescale", "vf_curve",
-                 "preserve_first", "count_cost", "prune", "repair_pruned", "Fix"):
+                 "preserve_first", "count_cost", "prune", "repair_pruned", "Fix", "ot_matching"):
         assert f"vfnb.{name}" in calls, name
 
 
@@ -30,3 +30,4 @@ def test_the_readme_examples_run() -> None:
         exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
     assert namespace["pfm"].layers == 8
     assert 0 <= namespace["curve"].bound[-1]
+    assert namespace["vit_pfm"].layers == 3 and namespace["ot"].reg == 0.1

@@ -2,7 +2,7 @@
 
 The public API is re-exported here; each name lives in one module (data flows one way; see
 ARCHITECTURE.md): validate · config → data → models → train → zoo → activations → structure → graph
-(permutations) → matching (weight, activation, ZipIt!, CCA) → merge (interpolation, bias calibration)
+(permutations) → matching (weight, activation, ZipIt!, CCA, optimal transport) → merge (interpolation, bias calibration)
 → normalize (RESET, REPAIR, RESCALE, bias removal, the Fix vocabulary) → pfm (preserve-first merging,
 partial zipping) → pruning → diagnose / evaluate / flops → plots → widgets → chapters → book.
 """
@@ -26,6 +26,7 @@ from .graph import (Permutation, PermutationSpec, UnsupportedOperationError, app
 from .matching import activation_matching, weight_matching  # noqa: E402
 from .zipit import Zip, zipit_matching  # noqa: E402
 from .cca import LinearAlignment, cca_matching  # noqa: E402
+from .transport import TransportAlignment, ot_matching  # noqa: E402
 from . import normalize  # noqa: E402
 from .normalize import (Fix, layer_stats, permute_stats, remove_bias, repair, rescale, reset_bn_stats,  # noqa: E402
                         target_stats, weighted_stats)
@@ -42,7 +43,7 @@ __all__ = [
     "barrier", "FeatureBias", "feature_bias", "upper_bound", "vf_ratio", "weight_scale",
     "Permutation", "PermutationSpec", "UnsupportedOperationError", "permutation_spec", "random_permutation",
     "identity_permutation", "apply_permutation", "weight_matching", "activation_matching",
-    "Zip", "zipit_matching", "LinearAlignment", "cca_matching", "normalize", "reset_bn_stats", "repair", "rescale",
+    "Zip", "zipit_matching", "LinearAlignment", "cca_matching", "TransportAlignment", "ot_matching", "normalize", "reset_bn_stats", "repair", "rescale",
     "remove_bias", "calibrate_bias", "layer_stats", "target_stats", "weighted_stats", "conv_linear_layers", "repair_layers",
     "PreserveFirst", "PartialZip", "preserve_first", "partial_zip", "prune", "repair_pruned", "prune_scores", "select_masks", "apply_masks",
     "weight_sparsity", "prunable_layers", "pruning_targets", "count_cost",

@@ -41,7 +41,8 @@ from .graph import Entry, Permutation, PermutationSpec, active_groups, permutati
 from .structure import WEIGHT_TYPES
 from .validate import UnsupportedOperationError, check_finite, check_same_architecture
 
-__all__ = ["LinearAlignment", "cca_matching", "cca_transform", "fingerprint", "block_of", "group_of_value"]
+__all__ = ["LinearAlignment", "cca_matching", "cca_transform", "fingerprint", "block_of", "group_of_value",
+           "map_entry"]
 
 
 def fingerprint(model: nn.Module) -> tuple[float, ...]:
@@ -142,7 +143,7 @@ class LinearAlignment:
                 if gi not in moved:
                     continue
                 role = _weight_role(model_b, e)
-                t = _matmul_axis(t, self.transforms[gi] if role == "out" else self.inverses_t(gi), e.axis, e.block)
+                t = map_entry(t, self.transforms[gi] if role == "out" else self.inverses_t(gi), e)
             state[key].copy_(t.to(state[key].dtype))
         return new
 
@@ -169,6 +170,22 @@ def _matmul_axis(t: torch.Tensor, m: torch.Tensor, axis: int, block: int = 1) ->
     u = moved.reshape(*shape[:-1], size, block)
     out = torch.einsum("ij,...jb->...ib", m.to(device=t.device, dtype=t.dtype), u)
     return out.reshape(shape).movedim(-1, axis)
+
+
+def map_entry(t: torch.Tensor, m: torch.Tensor, e: Entry) -> torch.Tensor:
+    """``m`` applied to the units of entry ``e`` of tensor ``t`` (``out_i = Σ_j m[i, j] · unit_j``, each
+    unit's ``block`` entries alike), wherever they sit on the axis (``positions``) and only inside
+    ``rows``; the rest of ``t`` is unchanged. A permutation matrix reproduces :func:`~vfnb.graph.permute_tensor`."""
+    if e.rows is not None:
+        ra, lo, hi = e.rows
+        out = t.clone()
+        sub = out.narrow(ra, lo, hi - lo)
+        sub.copy_(map_entry(sub, m, e._replace(rows=None)))
+        return out
+    if e.positions is None:
+        return _matmul_axis(t, m, e.axis, e.block)
+    idx = e.index(t.shape[e.axis]).to(t.device)
+    return t.index_copy(e.axis, idx, _matmul_axis(t.index_select(e.axis, idx), m, e.axis, e.block))
 
 
 def _sym_power(s: torch.Tensor, power: float) -> torch.Tensor:
@@ -275,10 +292,18 @@ def group_of_value(spec: PermutationSpec, node_name: str, model: nn.Module) -> i
     return None
 
 
-def block_of(x_shape: Sequence[int], size: int) -> tuple[int, int]:
-    """``(axis, block)`` of a group of ``size`` units in an activation of shape ``x_shape``: the
-    channel axis of a conv map (block 1), or the feature axis of a flat ``[N, size·block]`` tensor."""
+def block_of(x_shape: Sequence[int], size: int, axis: int | None = None) -> tuple[int, int]:
+    """``(axis, block)`` of a group of ``size`` units in an activation of shape ``x_shape``: ``axis`` if
+    given (block 1), else the channel axis of a conv map (block 1), the last axis of a token sequence
+    ``[N, tokens, size]``, or the feature axis of a flat ``[N, size·block]`` tensor."""
+    if axis is not None:
+        if x_shape[axis] != size:
+            raise UnsupportedOperationError(f"axis {axis} of an activation of shape {list(x_shape)} does not hold "
+                                            f"{size} units")
+        return axis % len(x_shape), 1
     if len(x_shape) > 2:
+        if x_shape[1] != size and x_shape[-1] == size:
+            return len(x_shape) - 1, 1
         return 1, 1
     if x_shape[-1] % size:
         raise UnsupportedOperationError(f"an activation of shape {list(x_shape)} cannot hold {size} units in blocks")

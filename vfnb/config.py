@@ -163,6 +163,17 @@ PARAMS.update({
                           is_list=True),
 })
 
+# --- appendix A.8.4 vision transformers (vfnb.chapters.vision_transformers) ------------------------------
+PARAMS.update({
+    "vit_depth": Param(_int(1, 64), "an integer in [1, 64]", "encoder blocks of the ViTs (Table 5's L is this + 1)"),
+    "num_heads": Param(_int(1, 64), "an integer in [1, 64]", "attention heads of the ViTs"),
+    "patch_size": Param(_int(1, 64), "an integer in [1, 64]", "side of the ViTs' square patches, in pixels"),
+    "ot_reg": Param(_float(0.0, 10.0), "a float in [0, 10] (0: exact earth mover's plan)",
+                    "entropic regularization of OT fusion, relative to the largest cost"),
+    "ot_regs": Param(_distinct(_float(0.0, 10.0)), "a list of distinct floats in [0, 10]",
+                     "OT regularizations compared on training images (ot_reg is added)", is_list=True),
+})
+
 # ------------------------------------------------------------------------------------------------------------
 # Profile defaults, per chapter id. Every key is a parameter of that chapter; device and cache_dir come last.
 _DATA = {"dataset": "mnist5k", "data_root": None}
@@ -269,10 +280,26 @@ EXPERIMENTS["preserve_first_merging"] = {
         **({"n_test": 500, "n_match": 500} if p == "cpu" else {})}
     for p in PROFILES}
 
+# Appendix A.8.4: two ViTs merged with direct, WM, AM and OT fusion, and PFM over whole blocks (Table 5).
+# The recipe is vfnb.train.TRANSFORMER_RECIPES (Adam, step decay, clipping); the sizes are the chapter's.
+EXPERIMENTS["vision_transformers"] = {
+    "smoke": {**_DATA, "n_train": 512, "n_test": 128, "seeds": [0, 1], "epochs": 1, "lr": 0.002,
+              "weight_decay": 1e-4, "batch_size": 128, "model_width": 0.5, "vit_depth": 2, "num_heads": 3,
+              "patch_size": 7, "alpha": 0.5, "n_match": 128, "n_diag": 64, "ot_reg": 0.05, "ot_regs": [0.0]},
+    "cpu": {**_DATA, "n_train": None, "n_test": None, "seeds": [0, 1], "epochs": 20, "lr": 0.002,
+            "weight_decay": 1e-4, "batch_size": 128, "model_width": 1.0, "vit_depth": 4, "num_heads": 3,
+            "patch_size": 7, "alpha": 0.5, "n_match": 500, "n_diag": 256, "ot_reg": 0.1,
+            "ot_regs": [0.0, 0.01, 0.05]},
+    "paper": {**_DATA, "dataset": "cifar10", "n_train": None, "n_test": None, "seeds": [0, 1], "epochs": 200,
+              "lr": 0.001, "weight_decay": 1e-4, "batch_size": 128, "model_width": 4.0, "vit_depth": 7,
+              "num_heads": 6, "patch_size": 4, "alpha": 0.5, "n_match": 5000, "n_diag": 1000, "ot_reg": 0.1,
+              "ot_regs": [0.0, 0.01, 0.05]},
+}
+
 # every chapter takes device and cache_dir, listed last (the order of its parameters cell); chapters in
 # reading order (_toc.yml; tests/test_chapter_registry.py checks both)
 _ORDER = ("introduction", "preliminaries", "experimental_setup", "linear_networks", "vanishing_feature",
-          "merging_through_vf", "enhanced_normalization", "preserve_first_merging", "pruning")
+          "merging_through_vf", "enhanced_normalization", "preserve_first_merging", "pruning", "vision_transformers")
 EXPERIMENTS = {c: {p: {**{k: v for k, v in d.items() if k not in _RUNTIME}, **_RUNTIME}
                    for p, d in EXPERIMENTS[c].items()} for c in _ORDER}
 

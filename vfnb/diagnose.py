@@ -20,14 +20,22 @@ from .validate import check_finite
 
 @torch.no_grad()
 def layer_outputs(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The outputs of the named modules for input ``x`` (one forward pass in eval mode; the mode is restored)."""
+    """The outputs of the named modules for input ``x`` (one forward pass in eval mode; the mode is
+    restored). A name ``"<module>:input"`` reads the module's (first) input instead: e.g. the residual
+    stream of a pre-norm transformer where it enters a LayerNorm."""
     out: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
+    missing = [n for n in names if n.partition(":")[0] not in modules or n.partition(":")[2] not in ("", "input")]
     if missing:
-        raise ValueError(f"model has no module(s) {missing}")
-    hooks = [modules[n].register_forward_hook(lambda mod, i, o, n=n: out.__setitem__(n, o.detach()))
-             for n in names]
+        raise ValueError(f"model has no module(s) {missing} (a name is a module's, optionally with ':input')")
+    hooks = []
+    for n in names:
+        mod, _, what = n.partition(":")
+        if what == "input":
+            hooks.append(modules[mod].register_forward_pre_hook(
+                lambda m, args, n=n: out.__setitem__(n, args[0].detach())))
+        else:
+            hooks.append(modules[mod].register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o.detach())))
     was_training = model.training
     try:
         model.eval()(to_model(x, model))
@@ -83,7 +91,7 @@ def feature_bias(model: nn.Module, data: Any, batch_size: int = 1000,
     first = next(iter(labelled_batches(data, 1, model)))[0]
     names = list(names) if names is not None else execution_order(model, first)
     modules = dict(model.named_modules())
-    edge = [n for n in names if n not in modules]
+    edge = [n for n in names if n.partition(":")[0] not in modules]
     aliases = {n: [n] for n in names}
     if edge and hasattr(model, "layer_aliases"):  # edge-model layer names of a PFM model
         aliases.update(model.layer_aliases(edge))

@@ -22,8 +22,12 @@ there (``FIX`` for values that must not move, ``NONE`` for constants such as zer
 - A unit that reaches the network's input or output, or meets a fixed value along its own axis, is
   never permuted.
 
-Attention heads are aligned inside each head (q and k together, v with the output projection);
-heads are not permuted as wholes. Anything else that touches a permuted axis raises
+Attention heads (``nn.MultiheadAttention``) are permuted as wholes *and* inside each head: the q/k
+units of all heads form one group and the v units another, each carrying :class:`Heads` blocks; a
+valid permutation moves every block onto one block, with the same head order in both groups (q and
+k together, v with the output projection's input). Hand-written attention and Swin's windowed
+attention (whose relative-position bias is per head) keep every head in place and align inside it.
+Anything else that touches a permuted axis raises
 :class:`UnsupportedOperationError`, naming the operation and where it is: the spec never guesses.
 """
 from __future__ import annotations
@@ -47,8 +51,8 @@ from .structure import BN_TYPES, WEIGHT_TYPES, check_layer_count, layer_depths, 
 from .models.norm import LayerNorm2d
 from .validate import UnsupportedOperationError
 
-__all__ = ["UnsupportedOperationError", "Entry", "Capture", "Group", "PermutationSpec", "Permutation", "block_index",
-           "active_groups",
+__all__ = ["UnsupportedOperationError", "Entry", "Capture", "Heads", "Group", "PermutationSpec", "Permutation", "block_index",
+           "active_groups", "head_order", "from_head_orders",
            "permutation_spec", "random_permutation", "identity_permutation", "apply_permutation", "permute_tensor"]
 
 
@@ -96,6 +100,15 @@ class Capture(NamedTuple):
         return t.index_select(self.axis, torch.tensor(self.positions, dtype=torch.long, device=t.device))
 
 
+class Heads(NamedTuple):
+    """The attention heads inside a group: ``blocks[h]`` lists the group's unit indices that belong to
+    head ``h`` (within-head order). Groups with the same ``link`` (the q/k and the v/output units of one
+    attention) must move their heads in one common order: a permutation maps every block onto a whole
+    block, ``blocks[h] ← blocks[σ(h)]`` in some order, with one ``σ`` for the linked groups."""
+    link: int
+    blocks: tuple[tuple[int, ...], ...]
+
+
 @dataclass(frozen=True)
 class Group:
     """Units that share one permutation.
@@ -104,7 +117,8 @@ class Group:
     ``producer_depths`` their 1-based layer index as the paper counts layers (conv/linear on the
     longest path, so shortcut convs get ``None``); ``depth`` is the deepest of them: the group
     permutes the outputs of layers up to ``depth`` only. ``captures`` are the alignment points for
-    activation matching (see :mod:`vfnb.matching`).
+    activation matching (see :mod:`vfnb.matching`). ``heads`` is set for the q/k and v units of an
+    attention, whose heads move as wholes (:class:`Heads`).
     """
     index: int
     size: int
@@ -113,6 +127,7 @@ class Group:
     producer_depths: tuple[int | None, ...]
     entries: tuple[Entry, ...]
     captures: tuple[Capture, ...]
+    heads: Heads | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -158,6 +173,14 @@ class PermutationSpec:
                     f"holds {kind} in {odd.key!r} axis {odd.axis}. Use weight or activation matching, which "
                     "handle these groups")
 
+    def head_links(self) -> dict[int, list[int]]:
+        """``{link: [group indices]}``: the groups whose attention heads share one head order."""
+        out: dict[int, list[int]] = {}
+        for g in self.groups:
+            if g.heads is not None:
+                out.setdefault(g.heads.link, []).append(g.index)
+        return out
+
     def check_model(self, model: nn.Module) -> None:
         """Raise ``ValueError`` unless ``model`` has this spec's architecture (type and shapes)."""
         name = _type_name(model)
@@ -174,8 +197,9 @@ class PermutationSpec:
         lines = [f"PermutationSpec of {self.model_type}: {len(self.groups)} groups, {self.num_layers} layers"]
         for g in self.groups:
             prods = ", ".join(p if d is None else f"{p}@{d}" for p, d in zip(g.producers, g.producer_depths))
+            heads = "" if g.heads is None else f"  ({len(g.heads.blocks)} heads, moved as wholes)"
             lines.append(f"  [{g.index:2d}] size {g.size:4d}  depth {g.depth:2d}  {len(g.entries):2d} tensors  "
-                         f"from {prods}")
+                         f"from {prods}{heads}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -360,6 +384,7 @@ class _Analysis(fx.Interpreter):
         self.axis_ranges: dict[tuple[str, int, tuple | None], tuple[int, int]] = {}
         self.param_ranges: dict[str, tuple[int, tuple[int, ...]]] = {}
         self.preserved: list[torch.Tensor] = []
+        self.head_sets: list[tuple[torch.Tensor, torch.Tensor]] = []  # (q ids [H, d], v ids [H, d]) per attention
         self.roles: dict[tuple[str, int, tuple | None], torch.Tensor] = {}
         self.acts: list[tuple[str, int, torch.Tensor]] = []           # nonlinearity outputs: (node, axis, labels)
         self.inputs: list[tuple[str, int, torch.Tensor]] = []         # values read by layers
@@ -884,18 +909,24 @@ class _Analysis(fx.Interpreter):
         return lab.permute([order.index(c) for c in out]).reshape(value.shape).clone()
 
     def heads(self, n: fx.Node, name: str, heads: int, embed: int, chan: torch.Tensor, in_w: str,
-              in_b: str | None, out_w: str, out_b: str | None, value_shape: torch.Size) -> torch.Tensor:
+              in_b: str | None, out_w: str, out_b: str | None, value_shape: torch.Size,
+              wholes: bool = True) -> torch.Tensor:
         """Multi-head attention with one packed ``[3E, E]`` input projection: q and k units are tied
-        pairwise (their dot products must not change), v units with the output projection's input;
-        every unit stays in its head. Returns the labels of the output projection's units."""
+        pairwise (their dot products must not change), v units with the output projection's input.
+        ``wholes``: heads may move as wholes (recorded in ``head_sets``; :func:`_build_spec` keeps them
+        in place if the groups do not come out as whole heads); otherwise every unit stays in its head.
+        Returns the labels of the output projection's units."""
         self.layer_nodes.append(n)
         self.tie(chan, in_w, 1, chan.numel())
         q, k, v = self.origin(n, embed, name), self.origin(n, embed, name), self.origin(n, embed, name)
         self.pair(q, k)
         d = embed // heads
-        for h in range(heads):
-            self.preserve(q[h * d:(h + 1) * d])
-            self.preserve(v[h * d:(h + 1) * d])
+        if wholes:
+            self.head_sets.append((q.view(heads, d), v.view(heads, d)))
+        else:
+            for h in range(heads):
+                self.preserve(q[h * d:(h + 1) * d])
+                self.preserve(v[h * d:(h + 1) * d])
         qkv = torch.cat([q, k, v])
         self.tie(qkv, in_w, 0, 3 * embed)
         if in_b is not None:
@@ -947,7 +978,9 @@ class _Analysis(fx.Interpreter):
         heads = real_args[5] if len(real_args) > 5 else real_kwargs["num_heads"]
         embed = x.shape[-1]
         chan = self.channels(x, x.dim() - 1)
-        return self.heads(n, qkv_w.rsplit(".", 2)[0], heads, embed, chan, qkv_w, qkv_b, proj_w, proj_b, value.shape)
+        # the relative-position bias (and Swin v2's logit scale) is indexed by head: heads stay in place
+        return self.heads(n, qkv_w.rsplit(".", 2)[0], heads, embed, chan, qkv_w, qkv_b, proj_w, proj_b, value.shape,
+                          wholes=False)
 
 
 
@@ -1016,33 +1049,22 @@ def _build_spec(model: nn.Module, gm: fx.GraphModule, an: _Analysis,
     """Groups = atoms of the origins and preserved sets over the classes of tied units."""
     roots = an.uf.roots()
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    # signature of every class that holds new units: which origins and preserved sets it meets
-    sig: dict[int, list[int]] = {}
-    first_unit: dict[int, tuple[int, int]] = {}
-    for oi, o in enumerate(an.origins):
-        for u, r in enumerate(roots[o.start:o.start + o.size].tolist()):
-            if r == 0:
-                continue
-            s = sig.setdefault(r, [])
-            if not s or s[-1] != oi:
-                s.append(oi)
-            first_unit.setdefault(r, (oi, u))
     n_orig = len(an.origins)
-    seen_sets: dict[frozenset, int] = {}
-    for units in an.preserved:
-        rs = frozenset(int(r) for r in roots[units.numpy()].tolist() if r in sig)
-        if rs and rs not in seen_sets:
-            seen_sets[rs] = n_orig + len(seen_sets)
-    for rs, si in seen_sets.items():
-        for r in rs:
-            sig[r].append(si)
-    atoms: dict[tuple[int, ...], list[int]] = {}
-    for r, s in sig.items():
-        atoms.setdefault(tuple(sorted(set(s))), []).append(r)
-    atoms_sorted = sorted((sorted(rs, key=first_unit.__getitem__) for rs in atoms.values() if len(rs) > 1),
-                          key=lambda rs: first_unit[rs[0]])
-    unit_of = {r: (gi, k) for gi, rs in enumerate(atoms_sorted) for k, r in enumerate(rs)}
-    sizes = [len(rs) for rs in atoms_sorted]
+    # heads move as wholes where each attention's q/k and v units come out as two whole groups;
+    # elsewhere every head is kept in place (a preserved set per head), and the atoms are recomputed
+    kept: list[int] = []
+    while True:
+        preserved = list(an.preserved) + [ids[h] for i in kept for ids in an.head_sets[i]
+                                          for h in range(ids.shape[0])]
+        sig, first_unit, atoms_sorted = _atoms(an, roots, preserved)
+        unit_of = {r: (gi, k) for gi, rs in enumerate(atoms_sorted) for k, r in enumerate(rs)}
+        sizes = [len(rs) for rs in atoms_sorted]
+        heads_of: dict[int, Heads] = {}
+        bad = [i for i, hs in enumerate(an.head_sets) if i not in kept
+               and not _whole_heads(hs, roots, unit_of, sizes, i, heads_of)]
+        if not bad:
+            break
+        kept += bad
 
     rank: dict[int, int] = {}  # a unit's place among the units of its class (tied units keep their roles)
     seen_in: dict[int, int] = {}
@@ -1087,10 +1109,64 @@ def _build_spec(model: nn.Module, gm: fx.GraphModule, an: _Analysis,
         pdepths = tuple(depth_of[m][0] if depth_of[m][1] else None for m in names)
         main_d = [d for d in pdepths if d is not None]
         depth = max(main_d) if main_d else max(d for d, _ in depth_of.values())
-        groups.append(Group(gi, sizes[gi], depth, names, pdepths, tuple(entries[gi]), captures[gi]))
+        groups.append(Group(gi, sizes[gi], depth, names, pdepths, tuple(entries[gi]), captures[gi],
+                            heads_of.get(gi)))
     layers = tuple(dict.fromkeys(str(n.target) for n in sorted(main, key=lambda n: (lp[n], list(gm.graph.nodes)
                                                                                       .index(n)))))
     return PermutationSpec(tuple(groups), layers, total, _type_name(model), shapes, gm.graph)
+
+
+def _atoms(an: _Analysis, roots: np.ndarray, preserved: list[torch.Tensor]):
+    """``(signatures, first unit of each class, atoms)``: classes of new units grouped by which origins
+    and preserved sets they meet; atoms of one class (no freedom) are dropped, the rest are ordered by
+    their first unit."""
+    sig: dict[int, list[int]] = {}
+    first_unit: dict[int, tuple[int, int]] = {}
+    for oi, o in enumerate(an.origins):
+        for u, r in enumerate(roots[o.start:o.start + o.size].tolist()):
+            if r == 0:
+                continue
+            s = sig.setdefault(r, [])
+            if not s or s[-1] != oi:
+                s.append(oi)
+            first_unit.setdefault(r, (oi, u))
+    n_orig = len(an.origins)
+    seen_sets: dict[frozenset, int] = {}
+    for units in preserved:
+        rs = frozenset(int(r) for r in roots[units.numpy()].tolist() if r in sig)
+        if rs and rs not in seen_sets:
+            seen_sets[rs] = n_orig + len(seen_sets)
+    for rs, si in seen_sets.items():
+        for r in rs:
+            sig[r].append(si)
+    atoms: dict[tuple[int, ...], list[int]] = {}
+    for r, s in sig.items():
+        atoms.setdefault(tuple(sorted(set(s))), []).append(r)
+    atoms_sorted = sorted((sorted(rs, key=first_unit.__getitem__) for rs in atoms.values() if len(rs) > 1),
+                          key=lambda rs: first_unit[rs[0]])
+    return sig, first_unit, atoms_sorted
+
+
+def _whole_heads(head_set: tuple[torch.Tensor, torch.Tensor], roots: np.ndarray, unit_of: dict, sizes: list[int],
+                 link: int, out: dict[int, Heads]) -> bool:
+    """Record the :class:`Heads` of an attention's q/k and v groups in ``out`` if each is one whole
+    group made of exactly the attention's heads (distinct units); else return False."""
+    found: dict[int, Heads] = {}
+    for ids in head_set:
+        where = [unit_of.get(int(r)) for r in roots[ids.reshape(-1).numpy()].tolist()]
+        if any(w is None for w in where):
+            return False
+        gis = {g for g, _ in where}
+        ks = [k for _, k in where]
+        if len(gis) != 1 or len(set(ks)) != len(ks) or sizes[next(iter(gis))] != len(ks):
+            return False
+        gi = gis.pop()
+        if gi in found or gi in out:
+            return False
+        d = ids.shape[1]
+        found[gi] = Heads(link, tuple(tuple(ks[h * d:(h + 1) * d]) for h in range(ids.shape[0])))
+    out.update(found)
+    return True
 
 
 def _positions(unit_of: dict[int, tuple[int, int]], sizes: list[int], line: np.ndarray, what: str,
@@ -1158,6 +1234,14 @@ class Permutation:
         for g, p in zip(self.spec.groups, self.perms):
             if p.shape != (g.size,) or not torch.equal(p.sort().values, torch.arange(g.size)):
                 raise ValueError(f"group {g.index} needs a permutation of range({g.size}), got {p.tolist()[:8]}...")
+        for link, gis in self.spec.head_links().items():
+            orders = {gi: head_order(self.spec.groups[gi].heads, self.perms[gi]) for gi in gis}
+            if any(o is None for o in orders.values()) or len({tuple(o) for o in orders.values()}) > 1:
+                names = ", ".join(self.spec.groups[gis[0]].producers)
+                raise ValueError(f"groups {gis} hold the attention heads of {names}: a permutation must move every "
+                                 f"head as a whole (all its units onto one head's units), in one head order for "
+                                 f"the q/k and the v units; got head orders "
+                                 f"{ {gi: o for gi, o in orders.items()} } (None: a head is split)")
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.perms[i]
@@ -1201,10 +1285,42 @@ def identity_permutation(spec: PermutationSpec) -> Permutation:
     return Permutation(spec, tuple(torch.arange(g.size) for g in spec.groups))
 
 
+def head_order(heads: Heads, perm: torch.Tensor) -> list[int] | None:
+    """``σ`` with new head ``h`` = old head ``σ[h]`` under ``perm`` (new unit ``j`` = old unit ``perm[j]``),
+    or ``None`` if ``perm`` splits a head."""
+    head_of = {k: h for h, block in enumerate(heads.blocks) for k in block}
+    order = []
+    for block in heads.blocks:
+        src = {head_of[int(perm[k])] for k in block}
+        if len(src) != 1:
+            return None
+        order.append(src.pop())
+    return order if sorted(order) == list(range(len(order))) else None
+
+
+def from_head_orders(heads: Heads, order: Sequence[int], within: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The permutation of a group with ``heads`` that puts old head ``order[h]`` at head ``h``, its units
+    in the order ``within[h]`` (indices into the old head's block)."""
+    size = sum(len(b) for b in heads.blocks)
+    perm = torch.empty(size, dtype=torch.long)
+    for h, block in enumerate(heads.blocks):
+        src = heads.blocks[int(order[h])]
+        perm[list(block)] = torch.tensor([src[int(i)] for i in within[h]], dtype=torch.long)
+    return perm
+
+
 def random_permutation(spec: PermutationSpec, seed: int) -> Permutation:
-    """A uniformly random permutation of every group (``torch.Generator`` seeded with ``seed``)."""
+    """A uniformly random permutation of every group (``torch.Generator`` seeded with ``seed``); attention
+    heads move as wholes, in one random head order per attention (:class:`Heads`)."""
     gen = torch.Generator().manual_seed(int(seed))
-    return Permutation(spec, tuple(torch.randperm(g.size, generator=gen) for g in spec.groups))
+    perms = [torch.randperm(g.size, generator=gen) for g in spec.groups]
+    for gis in spec.head_links().values():
+        order = torch.randperm(len(spec.groups[gis[0]].heads.blocks), generator=gen)
+        for gi in gis:
+            blocks = spec.groups[gi].heads.blocks
+            perms[gi] = from_head_orders(spec.groups[gi].heads, order,
+                                         [torch.randperm(len(b), generator=gen) for b in blocks])
+    return Permutation(spec, tuple(perms))
 
 
 def block_index(perm: torch.Tensor, block: int) -> torch.Tensor:

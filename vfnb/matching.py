@@ -16,16 +16,57 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from .activations import CrossMoments, collect_paired, peek
-from .graph import (Entry, Permutation, PermutationSpec, active_groups, identity_permutation, permutation_spec,
-                    permute_tensor)
+from .graph import (Entry, Group, Permutation, PermutationSpec, active_groups, from_head_orders,
+                    identity_permutation, permutation_spec, permute_tensor)
 from .validate import check_finite, check_same_architecture
 
-__all__ = ["weight_matching", "activation_matching"]
+__all__ = ["weight_matching", "activation_matching", "solve_step", "steps_of"]
 
 
 def _solve(S: torch.Tensor) -> torch.Tensor:
     _, col = linear_sum_assignment(S.numpy(), maximize=True)
     return torch.from_numpy(col).long()
+
+
+def solve_step(groups: Sequence[Group], scores: Sequence[torch.Tensor], free_heads: bool = True) -> list[torch.Tensor]:
+    """Maximize ``Σ_g Σ_i scores[g][i, π_g(i)]`` over the permutations of one step: a single group (a
+    linear assignment), or the linked groups of one attention, whose heads move as wholes in one
+    order (:class:`~vfnb.graph.Heads`). For those, every pair (new head h, old head k) of every group
+    is solved as a small assignment inside the two heads; the head order is then the assignment that
+    maximizes the sum of those optima over the linked groups. This is the exact optimum under the
+    head constraint. ``free_heads=False`` keeps the heads in place (only their insides are matched)."""
+    if groups[0].heads is None:
+        return [_solve(scores[0])]
+    n_heads = len(groups[0].heads.blocks)
+    total = np.zeros((n_heads, n_heads))
+    inner: dict[tuple[int, int, int], np.ndarray] = {}
+    for gi, (g, S) in enumerate(zip(groups, scores)):
+        blocks = [torch.tensor(b, dtype=torch.long) for b in g.heads.blocks]
+        for h in range(n_heads):
+            rows = S.index_select(0, blocks[h])
+            for k in range(n_heads) if free_heads else [h]:
+                sub = rows.index_select(1, blocks[k]).double().numpy()
+                r, c = linear_sum_assignment(sub, maximize=True)
+                inner[gi, h, k] = c
+                total[h, k] += sub[r, c].sum()
+    order = linear_sum_assignment(total, maximize=True)[1] if free_heads else np.arange(n_heads)
+    return [from_head_orders(g.heads, order, [inner[gi, h, int(order[h])] for h in range(n_heads)])
+            for gi, g in enumerate(groups)]
+
+
+def steps_of(spec: PermutationSpec, active: Sequence[int]) -> list[tuple[tuple[int, ...], bool]]:
+    """The units of a descent: ``((group,), True)`` per group, or the active linked groups of one attention
+    with whether its head order is free (all of them active; else the heads stay in place)."""
+    links = spec.head_links()
+    out, done, act = [], set(), set(active)
+    for gi in active:
+        if gi in done:
+            continue
+        g = spec.groups[gi]
+        members = (gi,) if g.heads is None else tuple(h for h in links[g.heads.link] if h in act)
+        done.update(members)
+        out.append((members, g.heads is None or len(members) == len(links[g.heads.link])))
+    return out
 
 
 def _pair_layout(w: torch.Tensor, e: Entry, f: Entry, size: int) -> torch.Tensor:
@@ -141,51 +182,64 @@ def weight_matching(model_a: nn.Module, model_b: nn.Module, example_input: torch
     wa = {k: sa[k].detach().to("cpu", dtype) for gi in coupled for k in {e.key for e in spec.groups[gi].entries}}
     wb = {k: sb[k].detach().to("cpu", dtype) for k in wa}
 
-    def exact(gi: int, perms: list[torch.Tensor]) -> float | None:
-        if gi not in coupled:
+    def exact(step: tuple[int, ...], perms: list[torch.Tensor]) -> float | None:
+        if not coupled.intersection(step):
             return None
         return sum(float((wa[k] * permute_tensor(wb[k], by_key[k], perms)).double().sum())
-                   for k in {e.key for e in spec.groups[gi].entries})
+                   for k in {e.key for gi in step for e in spec.groups[gi].entries})
+    steps = steps_of(spec, active)
     identity = list(identity_permutation(spec).perms)
     warm = list(identity)  # each group solved on its own terms first: biases, norms, depthwise kernels
-    for gi in active:
-        free = [t(identity) for t in terms[gi] if not t.others]
-        if free:
-            warm[gi] = _solve(sum(free))
+    for step, free_heads in steps:
+        free = [[t(identity) for t in terms[gi] if not t.others] for gi in step]
+        if any(free):
+            S = [sum(f) if f else torch.zeros(spec.groups[gi].size, spec.groups[gi].size, dtype=dtype)
+                 for gi, f in zip(step, free)]
+            for gi, p in zip(step, solve_step([spec.groups[gi] for gi in step], S, free_heads)):
+                warm[gi] = p
     best, best_score = None, 0.0
     for order in range(orders):
         for ts in terms.values():
             for t in ts:
                 t.reset()
         start = warm if order % 2 else identity
-        perms = _descend(len(spec.groups), active, terms, deps, seed + order, max_iter, tol, list(start), exact)
+        perms = _descend(spec, steps, terms, deps, seed + order, max_iter, tol, list(start), exact)
         score = _objective(spec, sa, sb, perms)
         if best is None or score > best_score + 1e-12 * max(1.0, abs(best_score)):
             best, best_score = perms, score
     return Permutation(spec, tuple(best))
 
 
-def _descend(n_groups: int, active: list[int], terms: dict[int, list[_Term]], deps: dict[int, set[int]],
-             seed: int, max_iter: int, tol: float, perms: list[torch.Tensor], exact) -> list[torch.Tensor]:
-    """One coordinate descent of :func:`weight_matching` from ``perms`` with visiting orders from ``seed``."""
+def _descend(spec: PermutationSpec, steps: list[tuple[tuple[int, ...], bool]], terms: dict[int, list[_Term]],
+             deps: dict[int, set[int]], seed: int, max_iter: int, tol: float, perms: list[torch.Tensor],
+             exact) -> list[torch.Tensor]:
+    """One coordinate descent of :func:`weight_matching` from ``perms`` with visiting orders from ``seed``;
+    a step is one group, or the linked groups of one attention (solved together, :func:`solve_step`)."""
+    n_groups = len(spec.groups)
     solved_at, changed_at = [-1] * n_groups, [-1] * n_groups
-    rng, step = np.random.default_rng(seed), 0
+    rng, step_no = np.random.default_rng(seed), 0
     for _ in range(max_iter):
         changed = False
-        for gi in rng.permutation(active).tolist() if active else []:
-            step += 1
-            if solved_at[gi] >= 0 and all(changed_at[h] < solved_at[gi] for h in deps[gi]):
+        for si in rng.permutation(len(steps)).tolist() if steps else []:
+            step, free_heads = steps[si]
+            step_no += 1
+            if all(solved_at[gi] >= 0 and all(changed_at[h] < solved_at[gi] for h in deps[gi]) for gi in step):
                 continue  # same assignment problem as last time
-            S = sum(t(perms) for t in terms[gi])
-            new, rows = _solve(S), torch.arange(len(S))
-            solved_at[gi] = step
-            old_score = S[rows, perms[gi]].double().sum().item()
-            new_score = S[rows, new].double().sum().item()
-            if new_score > old_score + tol * max(1.0, abs(old_score)) and exact(gi, perms) is not None:
-                old_score = exact(gi, perms)
-                new_score = exact(gi, [new if h == gi else p for h, p in enumerate(perms)])
+            Ss = [sum(t(perms) for t in terms[gi]) for gi in step]
+            new = solve_step([spec.groups[gi] for gi in step], Ss, free_heads)
+            for gi in step:
+                solved_at[gi] = step_no
+            old_score = sum(S[torch.arange(len(S)), perms[gi]].double().sum().item() for gi, S in zip(step, Ss))
+            new_score = sum(S[torch.arange(len(S)), p].double().sum().item() for p, S in zip(new, Ss))
+            trial = list(perms)
+            for gi, p in zip(step, new):
+                trial[gi] = p
+            if new_score > old_score + tol * max(1.0, abs(old_score)) and exact(step, perms) is not None:
+                old_score, new_score = exact(step, perms), exact(step, trial)
             if new_score > old_score + tol * max(1.0, abs(old_score)):
-                perms[gi], changed_at[gi], changed = new, step, True
+                for gi, p in zip(step, new):
+                    perms[gi], changed_at[gi] = p, step_no
+                changed = True
         if not changed:
             break
     return perms
@@ -238,15 +292,20 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, data, example_in
     # weights), added at a scale that cannot outweigh any difference in correlation.
     sa, sb = model_a.state_dict(), model_b.state_dict()
     by_key = spec.by_key()
-    for gi in active:
-        c = corr.get(gi)
-        if c is not None and not dead[gi].any():
-            continue
-        sim = _weight_similarity(spec, gi, sa, sb, by_key, perms)
-        if c is None:
-            perms[gi] = _solve(sim)
-        else:  # a dead unit's correlations are noise: zero them, and let weights decide
-            perms[gi] = _solve(c.masked_fill(dead[gi], 0.0) + sim * (1e-6 / max(1, len(c))))
+    for step, free_heads in steps_of(spec, active):
+        scores = []
+        for gi in step:
+            c = corr.get(gi)
+            if c is not None and not dead[gi].any():
+                scores.append(c)
+                continue
+            sim = _weight_similarity(spec, gi, sa, sb, by_key, perms)
+            # a dead unit's correlations are noise: zero them, and let weights decide
+            scores.append(sim if c is None else c.masked_fill(dead[gi], 0.0) + sim * (1e-6 / max(1, len(c))))
+        if len(step) == 1 and spec.groups[step[0]].heads is None and step[0] in corr and not dead[step[0]].any():
+            continue  # solved above
+        for gi, p in zip(step, solve_step([spec.groups[gi] for gi in step], scores, free_heads)):
+            perms[gi] = p
     return Permutation(spec, tuple(perms))
 
 

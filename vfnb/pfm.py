@@ -45,7 +45,7 @@ from .merge import interpolate
 from .models import device_of
 from .normalize import Fix, repair, rescale, reset_bn_stats, target_stats
 from .structure import BN_TYPES, Cut, check_layer_count, cut, repair_layers
-from .validate import UnsupportedOperationError, check_alpha, check_finite, check_same_architecture
+from .validate import check_alpha, check_finite, check_same_architecture
 
 __all__ = ["preserve_first", "partial_zip", "PreserveFirst", "PartialZip", "ChannelMap", "NORMALIZATIONS"]
 
@@ -58,23 +58,28 @@ Alignment = Union[Permutation, LinearAlignment, None]
 # ---------------------------------------------------------------------------------------------------
 # modules
 class ChannelMap(nn.Module):
-    """``x ↦ T x`` on the channels (axis 1) of an activation, in blocks of ``block`` features for a
-    flattened ``[N, C·block]`` tensor: model b's stem output in model a's basis (CCA alignment).
-    ``T`` is a frozen parameter, so :func:`vfnb.flops.count_cost` counts it."""
+    """``x ↦ T x`` on the channels (``axis``, 1 by default; the last axis of a token sequence) of an
+    activation, in blocks of ``block`` features for a flattened ``[N, C·block]`` tensor: model b's stem
+    output in model a's basis (a CCA or transport alignment). ``T`` is a frozen parameter, so
+    :func:`vfnb.flops.count_cost` counts it."""
 
-    def __init__(self, matrix: torch.Tensor, block: int = 1) -> None:
+    def __init__(self, matrix: torch.Tensor, block: int = 1, axis: int = 1) -> None:
         super().__init__()
         self.weight = nn.Parameter(matrix.detach().float().clone(), requires_grad=False)
-        self.block = int(block)
+        self.block, self.axis = int(block), int(axis)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype)
+        if self.axis != 1:
+            return torch.einsum("ij,...j->...i", w, x.movedim(self.axis, -1)).movedim(-1, self.axis)
         if self.block == 1:
-            return torch.einsum("ij,nj...->ni...", self.weight, x)
-        y = torch.einsum("ij,njb->nib", self.weight, x.unflatten(1, (self.weight.shape[0], self.block)))
+            return torch.einsum("ij,nj...->ni...", w, x)
+        y = torch.einsum("ij,njb->nib", w, x.unflatten(1, (self.weight.shape[0], self.block)))
         return y.flatten(1)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]} channels" + (f", block {self.block}" if self.block > 1 else "")
+        return (f"{self.weight.shape[0]} channels" + (f", block {self.block}" if self.block > 1 else "")
+                + (f", axis {self.axis}" if self.axis != 1 else ""))
 
 
 class PreserveFirst(nn.Module):
@@ -101,7 +106,12 @@ class PreserveFirst(nn.Module):
         (``stems.0.<name>``, ``stems.1.<name>``); a merged one once, in the tail (``tail.<name>``).
         :func:`vfnb.diagnose.feature_bias` averages over the copies (appendix A.8.1)."""
         stem = {n for n, _ in self.stems[0].named_modules()}
-        return {n: [f"stems.0.{n}", f"stems.1.{n}"] if n in stem else [f"tail.{n}"] for n in names}
+        out = {}
+        for n in names:  # "<module>:input" (a module's input) follows its module
+            mod, colon, what = n.partition(":")
+            out[n] = ([f"stems.0.{mod}{colon}{what}", f"stems.1.{mod}{colon}{what}"] if mod in stem
+                      else [f"tail.{mod}{colon}{what}"])
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         za, zb = self.stems[0](x), self.stems[1](x)
@@ -256,14 +266,14 @@ def _mapped_stem(model_b: nn.Module, cut: Cut, alignment: LinearAlignment) -> fx
     maps = nn.ModuleList()
     meta = {n.name: n.meta.get("vfnb_shape") for n in alignment.spec.graph.nodes}
     for i, name in enumerate(cut.crossing):
+        shape = meta.get(name)
+        if shape is None:  # not a tensor (a size read off x.shape): passed through unchanged
+            continue
         g = group_of_value(alignment.spec, name, model_b)
         if g is None:
             continue
-        shape = meta.get(name)
-        if shape is None:
-            raise UnsupportedOperationError(f"no shape recorded for {name!r}; cannot map it into model a's basis")
-        _, block = block_of(shape, alignment.spec.groups[g].size)
-        maps.append(ChannelMap(alignment[g], block))
+        axis, block = block_of(shape, alignment.spec.groups[g].size)
+        maps.append(ChannelMap(alignment[g], block, axis))
         values[i] = graph.call_module(f"align.{len(maps) - 1}", (values[i],))
     root.align = maps
     graph.output(tuple(values))

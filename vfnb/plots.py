@@ -38,16 +38,17 @@ class BookFigure(Figure):
         return buf.getvalue()
 
 
-def figure(ncols: int = 1, width: float = 4.0, height: float = 3.0) -> tuple[Figure, np.ndarray]:
-    """A styled figure with ``ncols`` axes side by side (always returned as an array).
+def figure(ncols: int = 1, width: float = 4.0, height: float = 3.0, nrows: int = 1) -> tuple[Figure, np.ndarray]:
+    """A styled figure with ``ncols`` axes side by side, and ``nrows`` such rows stacked (the axes are
+    always returned as a flat array, row after row; ``width``/``height`` are per axes).
 
     The figure is not registered with pyplot, so notebooks show it only where a cell returns it
     and nothing accumulates in memory.
     """
     with style():
-        fig = BookFigure(figsize=(width * ncols, height), layout="constrained")
-        axes = fig.subplots(1, ncols, squeeze=False)
-    return fig, axes[0]
+        fig = BookFigure(figsize=(width * ncols, height * nrows), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes.ravel()
 
 
 def _band(ax, x, mean, std, color, label, marker="o", ls="-") -> None:
@@ -136,16 +137,18 @@ def plot_interpolation(ax, curves: dict[str, dict[str, np.ndarray]], metric: str
 
 
 
-def plot_vf_curves(ax, curves: dict[str, VFCurve], show_ratio: bool = True, legend: str = "outside") -> None:
+def plot_vf_curves(ax, curves: dict[str, VFCurve], show_ratio: bool = True, legend: str = "outside",
+                   colors: dict[str, str] | None = None) -> None:
     """Paper Fig. 3B: the normalized upper bound ε_l (solid) of each named model's vanishing-feature
     curve against relative depth l/L, with the measured ratio E_l (faint markers). ``legend`` is
-    ``"outside"`` (right of the axes) or a matplotlib location such as ``"lower left"``."""
+    ``"outside"`` (right of the axes) or a matplotlib location such as ``"lower left"``; ``colors`` may
+    fix a curve's colour by name (the others follow the palette)."""
     if not curves:
         raise ValueError("plot_vf_curves needs at least one curve")
     palette = list(COLORS.values())
     with style():
         for i, (name, c) in enumerate(curves.items()):
-            col = palette[i % len(palette)]
+            col = (colors or {}).get(name, palette[i % len(palette)])
             ax.plot(c.relative_depth, c.bound, "-", color=col, label=name)
             if show_ratio:
                 ax.plot(c.relative_depth, c.ratio, "o", color=col, alpha=0.35, ms=3)
@@ -247,13 +250,19 @@ def plot_scaling_matrix(axes, rows: Sequence[dict], samples: dict[str, np.ndarra
 
 def plot_layer_sweep(ax, x: Sequence[float], curves: dict[str, Sequence[float]], edge_mean: float | None = None,
                      ensemble: float | None = None, xlabel: str = "layers l", title: str = "",
-                     current: float | None = None) -> None:
+                     current: float | None = None, colors: dict[str, str] | None = None) -> None:
     """Accuracy against a number of layers (paper Fig. 4 left, PFM over l), one line per named curve,
-    with the edge models' average and the ensemble as horizontal references and ``current`` marked."""
+    with the edge models' average and the ensemble as horizontal references and ``current`` marked.
+    Without ``colors``, curves come in pairs (a method, then the method + normalization), one colour
+    per pair; with ``colors`` (method name -> colour), a curve named ``"<method> + <fix>"`` takes its
+    method's colour, dashed."""
     palette = [COLORS["merged"], COLORS["edge0"], COLORS["rescaled"], COLORS["edge1"], COLORS["h"], COLORS["edge"]]
     with style():
         for i, (name, y) in enumerate(curves.items()):
-            # curves come in pairs (a method, then the method + normalization): one colour per pair
+            if colors is not None:
+                base, fixed = name.split(" + ")[0], " + " in name
+                ax.plot(x, y, "s--" if fixed else "o-", color=colors.get(base, palette[i % len(palette)]), label=name)
+                continue
             ax.plot(x, y, "o-" if i % 2 == 0 else "s--", color=palette[(i // 2) % len(palette)], label=name)
         if edge_mean is not None:
             ax.axhline(edge_mean, color=COLORS["edge"], lw=1, ls=":", label=f"edge average {edge_mean:.3f}")

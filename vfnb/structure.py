@@ -32,7 +32,7 @@ from .models.norm import LayerNorm2d
 from .validate import UnsupportedOperationError
 
 __all__ = ["WEIGHT_TYPES", "BN_TYPES", "NORM_TYPES", "PERMUTABLE_NORM_TYPES", "OUTPUT_TYPES", "Tracer", "trace",
-           "layer_depths", "Structure", "structure_of", "conv_linear_layers", "repair_layers", "check_layer_count",
+           "layer_depths", "Structure", "structure_of", "conv_linear_layers", "repair_layers", "block_depths", "check_layer_count",
            "Cut", "cut", "execution_order"]
 
 #: Layers with a weight matrix: what the paper counts as layers, and what pruning prunes.
@@ -114,6 +114,21 @@ class Structure:
         """L, as the paper counts layers."""
         return len(self.layers)
 
+    def block_depths(self, blocks: Sequence[str]) -> list[int]:
+        """For each named submodule (a transformer block, a ResNet stage), the number of layers l as the
+        paper counts them up to its end: the depth of the deepest conv/linear layer inside it. PFM keeps
+        the first ``k`` blocks with ``layers = block_depths(...)[k-1]``."""
+        out = []
+        for b in blocks:
+            inside = [d for n, d in self.depth.items() if n == b or n.startswith(b + ".")]
+            if not inside:
+                raise ValueError(f"{b!r} holds no conv/linear layer of this model; choose among the modules "
+                                 f"that contain {list(self.all_layers)[:4]}...")
+            out.append(max(inside))
+        if out != sorted(out):
+            raise ValueError(f"blocks {list(blocks)} are not in depth order (their depths are {out})")
+        return out
+
     def repair_layers(self, what: str = "the model") -> list[str]:
         """REPAIR/RESCALE's default layers (appendix A.3): every layer but the classifier for chain
         networks; for residual networks the layers inside the blocks (without the stem and the classifier)."""
@@ -180,6 +195,13 @@ def conv_linear_layers(model: nn.Module, example_input: torch.Tensor | None = No
     if example_input is not None and not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
     return list(structure_of(model).layers)
+
+
+def block_depths(model: nn.Module, blocks: Sequence[str]) -> list[int]:
+    """The paper's layer count l at the end of each submodule named in ``blocks``
+    (:meth:`Structure.block_depths`): e.g. ``[1, 3, 5, 7, 9]`` for a ViT's patch embedding and four
+    encoder blocks, so that PFM can preserve whole transformer blocks (appendix A.8.4, Table 5)."""
+    return structure_of(model).block_depths(blocks)
 
 
 def repair_layers(model: nn.Module, example_input: torch.Tensor | None = None) -> list[str]:

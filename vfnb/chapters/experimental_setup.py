@@ -13,7 +13,7 @@ from typing import Any
 from ..config import EXPERIMENTS, PROFILES, Config, resolve
 from ..data import DATASETS, NORMALIZATION, load_dataset
 from ..models import build_model
-from ..train import PAPER_RECIPES, PROFILE_CNN, RESNET_LN_CNN, data_kwargs, recipe
+from ..train import PAPER_RECIPES, PROFILE_CNN, RESNET_LN_CNN, TRANSFORMER_RECIPES, data_kwargs, recipe
 from ..zoo import get_or_train, info, resolve_device
 from . import linear_networks, merging_through_vf, pruning, vanishing_feature
 from .common import BOOK_ARCHITECTURES, check_config, width_for
@@ -39,6 +39,10 @@ def models_text(chapter: str, profile: str) -> str:
     if chapter == "experimental_setup":
         return "every edge model of the book (see the zoo table)"
     parts = []
+    if "vit_depth" in d:
+        hidden = d["num_heads"] * max(1, round(96 * d["model_width"] / d["num_heads"]))
+        parts.append(f"ViT, {d['vit_depth']} blocks, hidden {hidden} in {d['num_heads']} heads, "
+                     f"{d['patch_size']}×{d['patch_size']} patches")
     if "depth" in d:
         parts.append(f"linear mlp, depth {d['depth']}, width {d['width']}")
     if "model" in d:
@@ -101,7 +105,7 @@ def recipe_table() -> list[dict[str, Any]]:
     """The training recipe of each model family under each profile, as :func:`vfnb.train.recipe` builds it."""
     rows = []
     for family, model, kw in (("mlp", "mlp", {}), ("cnn (VGG, ResNet20-BN)", "vgg16", {}),
-                              ("ResNet20-LN", "resnet20", {"norm": "ln"})):
+                              ("ResNet20-LN", "resnet20", {"norm": "ln"}), ("ViT (appendix A.8.4)", "vit", {})):
         for p in PROFILES:
             c = recipe(model, p, **kw)
             rows.append({"family": family, "profile": p, "dataset (default)": c.dataset, "optimizer": c.optimizer,
@@ -116,6 +120,8 @@ def source_table() -> list[dict[str, Any]]:
     rows = [{"source": f"PAPER_RECIPES[{k!r}]", **{f: v for f, v in r.items()}} for k, r in PAPER_RECIPES.items()]
     rows += [{"source": f"PROFILE_CNN[{k!r}]", **r} for k, r in PROFILE_CNN.items()]
     rows += [{"source": f"RESNET_LN_CNN[{k!r}] (after PROFILE_CNN)", **r} for k, r in RESNET_LN_CNN.items()]
+    rows += [{"source": f"TRANSFORMER_RECIPES[{k!r}]", **{f: v for f, v in r.items() if f != "model_kwargs"},
+              **r["model_kwargs"]} for k, r in TRANSFORMER_RECIPES.items()]
     keys = list(dict.fromkeys(k for r in rows for k in r))
     return [{k: r.get(k, "") for k in keys} for r in rows]
 

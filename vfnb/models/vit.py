@@ -42,6 +42,18 @@ class ViT(VisionTransformer):
         nn.init.zeros_(self.conv_proj.bias)
         nn.init.trunc_normal_(self.heads.head.weight, std=0.02)
 
+    def stages(self) -> list[str]:
+        """The patch embedding, then every encoder block (module names): the units Table 5's PFM_l/L
+        counts in, with ``L = depth + 1`` (the paper's ViT of 7 blocks is PFM_l/8)."""
+        return ["conv_proj", *(f"encoder.layers.{n}" for n, _ in self.encoder.layers.named_children())]
+
+    def stream_points(self) -> list[str]:
+        """Where the residual stream can be read, one point per stage (:meth:`stages`): its input to
+        each block's first LayerNorm (after the patch embedding and the blocks before it), then its
+        input to the final LayerNorm. Names for :func:`vfnb.diagnose.feature_bias` (``"<module>:input"``)."""
+        blocks = [f"encoder.layers.{n}" for n, _ in self.encoder.layers.named_children()]
+        return [f"{b}.ln_1:input" for b in blocks] + ["encoder.ln:input"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if any(self.pad):
             x = F.pad(x, self.pad)
