@@ -95,6 +95,11 @@ class LinearAlignment:
     correlations: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        self._check_transforms()
+        self._inverses = tuple(torch.linalg.inv(t) for t in self.transforms)
+
+    def _check_transforms(self) -> None:
+        """Store the maps as float64 on the CPU; one square, finite matrix per group."""
         self.transforms = tuple(torch.as_tensor(t, dtype=torch.float64).cpu() for t in self.transforms)
         if len(self.transforms) != len(self.spec.groups):
             raise ValueError(f"{len(self.transforms)} transforms given for {len(self.spec.groups)} groups")
@@ -103,7 +108,6 @@ class LinearAlignment:
                 raise ValueError(f"group {g.index} needs a {g.size}×{g.size} matrix, got {tuple(t.shape)}")
             if not torch.isfinite(t).all():
                 raise ValueError(f"the transform of group {g.index} has non-finite entries")
-        self._inverses = tuple(torch.linalg.inv(t) for t in self.transforms)
 
     @classmethod
     def from_permutation(cls, perm: Permutation) -> LinearAlignment:

@@ -34,6 +34,7 @@ the post-merging normalizations are for.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -98,14 +99,7 @@ class TransportAlignment(LinearAlignment):
     reg: float = 0.0
 
     def __post_init__(self) -> None:
-        self.transforms = tuple(torch.as_tensor(t, dtype=torch.float64).cpu() for t in self.transforms)
-        if len(self.transforms) != len(self.spec.groups):
-            raise ValueError(f"{len(self.transforms)} transforms given for {len(self.spec.groups)} groups")
-        for g, t in zip(self.spec.groups, self.transforms):
-            if t.shape != (g.size, g.size):
-                raise ValueError(f"group {g.index} needs a {g.size}×{g.size} matrix, got {tuple(t.shape)}")
-            if not torch.isfinite(t).all():
-                raise ValueError(f"the transport map of group {g.index} has non-finite entries")
+        self._check_transforms()
         self._inverses = ()  # a soft transport map is not inverted: the input side uses T itself
 
     @classmethod
@@ -124,15 +118,16 @@ class TransportAlignment(LinearAlignment):
 
     def is_permutation(self, atol: float = 1e-9) -> bool:
         """Whether every map is a permutation matrix (the exact plan of equal-size groups)."""
-        return all(bool(((t - t.round()).abs() <= atol).all() and (t.round().sum(0) == 1).all()
-                        and (t.round().sum(1) == 1).all() and ((t.round() == 0) | (t.round() == 1)).all())
-                   for t in self.transforms)
+        def one(t: torch.Tensor) -> bool:
+            r = t.round()
+            return bool(((t - r).abs() <= atol).all() and ((r == 0) | (r == 1)).all()
+                        and (r.sum(0) == 1).all() and (r.sum(1) == 1).all())
+        return all(one(t) for t in self.transforms)
 
     @torch.no_grad()
     def apply(self, model_b: nn.Module) -> nn.Module:
         """A copy of ``model_b`` transported into model a's units: every tensor axis a group owns becomes
         ``T``·(that axis) (output rows, input columns, biases, norm parameters, embeddings alike)."""
-        import copy
         self.check_source(model_b)
         new = copy.deepcopy(model_b)
         state = new.state_dict()
