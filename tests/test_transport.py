@@ -92,11 +92,26 @@ def test_a_permutation_that_splits_a_head_is_refused(permuted):
         Permutation(perm.spec, tuple(mixed))
 
 
-@pytest.mark.parametrize("method", ["wm", "am"])
+@pytest.mark.parametrize("method", ["wm", "am", "am-weights"])
 def test_matching_recovers_reordered_heads(permuted, x, method):
     a, pa, _ = permuted
-    found = vfnb.weight_matching(a, pa, x[:2]) if method == "wm" else vfnb.activation_matching(a, pa, x)
+    if method == "wm":
+        found = vfnb.weight_matching(a, pa, x[:2])
+    else:
+        found = vfnb.activation_matching(a, pa, x, attention="activations" if method == "am" else "weights")
     assert same_state(apply_permutation(pa, found), a)
+
+
+def test_attention_units_are_read_through_the_projection(permuted, x):
+    """The q/k and v groups of a self-attention are captured at the attention's input, through its
+    in_proj rows; activation matching's option for them is checked."""
+    a, _, perm = permuted
+    for gis in perm.spec.head_links().values():
+        for gi in gis:
+            (c,) = perm.spec.groups[gi].captures
+            assert c.proj is not None and c.proj[0].endswith("in_proj_weight") and c.node.endswith("ln_1")
+    with pytest.raises(ValueError, match="attention must be"):
+        vfnb.activation_matching(a, a, x, attention="qkv")
 
 
 def test_solve_step_is_the_head_constrained_optimum():

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .data import VisionData, calibration_subset
@@ -301,6 +302,19 @@ class _Float64Views:
         return self.flat[i][:moved.numel()].view(moved.shape).copy_(moved).view(size, -1)
 
 
+def _projected(model: nn.Module, c: Any, take: Callable | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x ↦ take(W[start:stop] x + b[start:stop])`` on axis ``c.axis``, with ``model``'s own weight rows
+    (``c.proj``): the q, k or v units of an attention, from the value its projection reads."""
+    key, bkey, lo, hi = c.proj
+    state = model.state_dict()
+    w, b = state[key][lo:hi].detach(), None if bkey is None else state[bkey][lo:hi].detach()
+
+    def proj(x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x.movedim(c.axis, -1), w.to(x), None if b is None else b.to(x)).movedim(-1, c.axis)
+        return y if take is None else take(y)
+    return proj
+
+
 def _pair_hook(stats: PairStats, axis: int, size: int, views: _Float64Views, prev=None, chunk: int = 1 << 22,
                take: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """Feed an activation pair to ``stats`` as float64 ``[size, samples]``, in chunks of the batch axis
@@ -309,7 +323,8 @@ def _pair_hook(stats: PairStats, axis: int, size: int, views: _Float64Views, pre
         if prev is not None:
             prev(a, b)
         if take is not None:
-            a, b = take(a), take(b)
+            ta, tb = take if isinstance(take, tuple) else (take, take)
+            a, b = ta(a), tb(b)
         step = max(1, chunk // max(1, a[:1].numel())) if axis else a.shape[0]
         for i in range(0, a.shape[0], step):
             stats.add(views(0, a[i:i + step], axis, size), views(1, b[i:i + step], axis, size))
@@ -337,8 +352,10 @@ def collect_paired(model_a: nn.Module, model_b: nn.Module, spec: Any, groups: Se
         g = spec.groups[gi]
         for c in g.captures:
             stats[(gi, c.node)] = m = make_stats(g.size, device)
-            hooks[c.node] = _pair_hook(m, c.axis, g.size, views, hooks.get(c.node),
-                                       take=None if c.positions is None else c.take)
+            take = None if c.positions is None else c.take
+            if c.proj is not None:  # units inside a module: project its input with each model's own rows
+                take = tuple(_projected(mod, c, take) for mod in (model_a, model_b))
+            hooks[c.node] = _pair_hook(m, c.axis, g.size, views, hooks.get(c.node), take=take)
     modes = (model_a.training, model_b.training)
     model_a.eval(), model_b.eval()
     seen = 0

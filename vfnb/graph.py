@@ -87,11 +87,17 @@ class Entry(NamedTuple):
 
 class Capture(NamedTuple):
     """An activation of a group: fx node ``node`` whose ``axis`` holds the group's units (in blocks of
-    ``block``; at ``positions``, unit after unit, when they do not fill the axis in order)."""
+    ``block``; at ``positions``, unit after unit, when they do not fill the axis in order).
+
+    ``proj = (weight key, bias key or None, start, stop)``: the units are not in the node's value but in
+    its projection by rows ``start:stop`` of that weight (each model's own), as the q, k and v units of
+    ``nn.MultiheadAttention``, whose projections run inside the module; ``positions`` then index the
+    projected axis."""
     node: str
     axis: int
     block: int = 1
     positions: tuple[int, ...] | None = None
+    proj: tuple[str, str | None, int, int] | None = None
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
         """The captured units of activation ``t`` on its capture axis (other axes unchanged)."""
@@ -386,6 +392,7 @@ class _Analysis(fx.Interpreter):
         self.preserved: list[torch.Tensor] = []
         self.head_sets: list[tuple[torch.Tensor, torch.Tensor]] = []  # (q ids [H, d], v ids [H, d]) per attention
         self.roles: dict[tuple[str, int, tuple | None], torch.Tensor] = {}
+        self.projections: list[tuple] = []                            # attention q/k/v: (node, axis, labels, proj)
         self.acts: list[tuple[str, int, torch.Tensor]] = []           # nonlinearity outputs: (node, axis, labels)
         self.inputs: list[tuple[str, int, torch.Tensor]] = []         # values read by layers
         self.outputs: list[tuple[str, int, torch.Tensor]] = []        # layer outputs (the last resort)
@@ -910,11 +917,13 @@ class _Analysis(fx.Interpreter):
 
     def heads(self, n: fx.Node, name: str, heads: int, embed: int, chan: torch.Tensor, in_w: str,
               in_b: str | None, out_w: str, out_b: str | None, value_shape: torch.Size,
-              wholes: bool = True) -> torch.Tensor:
+              wholes: bool = True, source: tuple[str, int] | None = None) -> torch.Tensor:
         """Multi-head attention with one packed ``[3E, E]`` input projection: q and k units are tied
         pairwise (their dot products must not change), v units with the output projection's input.
         ``wholes``: heads may move as wholes (recorded in ``head_sets``; :func:`_build_spec` keeps them
         in place if the groups do not come out as whole heads); otherwise every unit stays in its head.
+        ``source = (node, axis)``: the one input that q, k and v are projected from (self-attention); the
+        q/k and v units are then captured there, through the projection (:class:`Capture` ``proj``).
         Returns the labels of the output projection's units."""
         self.layer_nodes.append(n)
         self.tie(chan, in_w, 1, chan.numel())
@@ -929,6 +938,9 @@ class _Analysis(fx.Interpreter):
                 self.preserve(v[h * d:(h + 1) * d])
         qkv = torch.cat([q, k, v])
         self.tie(qkv, in_w, 0, 3 * embed)
+        if source is not None:
+            self.projections.append((*source, torch.cat([q, k]), (self.key(in_w), in_b and self.key(in_b), 0, 2 * embed)))
+            self.projections.append((*source, v.clone(), (self.key(in_w), in_b and self.key(in_b), 2 * embed, 3 * embed)))
         if in_b is not None:
             self.pair(self.param_ids(in_b), qkv)
         self.tie(v, out_w, 1, embed)
@@ -949,10 +961,13 @@ class _Analysis(fx.Interpreter):
         for c in chans:
             self.pair(c, chan)
         out_shape = _tensors(value)[0].shape
+        src = (list(n.args) + [n.kwargs.get(k) for k in ("query", "key", "value")][len(n.args):])[:3]
+        source = ((src[0].name, query.dim() - 1) if all(isinstance(s, fx.Node) for s in src)
+                  and src[0] is src[1] is src[2] else None)  # self-attention: q, k, v from one value
         out = self.heads(n, name, mod.num_heads, mod.embed_dim, chan, f"{name}.in_proj_weight",
                          f"{name}.in_proj_bias" if mod.in_proj_bias is not None else None,
                          f"{name}.out_proj.weight", f"{name}.out_proj.bias" if mod.out_proj.bias is not None else None,
-                         out_shape)
+                         out_shape, source=source)
         weights = value[1] if isinstance(value, (tuple, list)) and len(value) > 1 else None
         return (out, None if weights is None else torch.zeros(weights.shape, dtype=torch.long))
 
@@ -1203,19 +1218,19 @@ def _axis_entries(entries, unit_of, sizes, key, axis, rows, line, length, order=
 
 
 def _captures(an: _Analysis, roots: np.ndarray, unit_of, sizes, rank) -> list[tuple[Capture, ...]]:
-    """Per group: the nonlinearity outputs that hold all its units (else the values layers read,
-    else the layer outputs)."""
+    """Per group: the projections of an attention's input that hold its q/k or v units, else the
+    nonlinearity outputs that hold all its units (else the values layers read, else the layer outputs)."""
     out: list[tuple[Capture, ...]] = [() for _ in sizes]
-    for records in (an.acts, an.inputs, an.outputs):
+    for records in (an.projections, an.acts, an.inputs, an.outputs):
         tier: list[list[Capture]] = [[] for _ in sizes]
-        for name, axis, labels in records:
+        for name, axis, labels, *proj in records:
             try:
                 per = _positions(unit_of, sizes, roots[labels.clamp_min(0).numpy()], name,
                                  [rank.get(r, -1) for r in labels.tolist()])
             except UnsupportedOperationError:
                 continue
             for g, (block, pos) in per.items():
-                tier[g].append(Capture(name, axis, block, pos))
+                tier[g].append(Capture(name, axis, block, pos, proj[0] if proj else None))
         out = [have or tuple(dict.fromkeys(new)) for have, new in zip(out, tier)]
     return out
 

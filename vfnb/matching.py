@@ -248,7 +248,7 @@ def _descend(spec: PermutationSpec, steps: list[tuple[tuple[int, ...], bool]], t
 @torch.no_grad()
 def activation_matching(model_a: nn.Module, model_b: nn.Module, data, example_input: torch.Tensor | None = None,
                         layers: int | None = None, batch_size: int = 500,
-                        max_batches: int | None = None) -> Permutation:
+                        max_batches: int | None = None, attention: str = "activations") -> Permutation:
     """Permutation of ``model_b`` maximizing the correlation of its activations with ``model_a``'s.
 
     One streaming pass over ``data`` (a VisionData, read without augmentation; or a tensor / iterable
@@ -262,20 +262,31 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, data, example_in
     and ``linear_sum_assignment(maximize=True)`` solves it. Zero-variance units get an epsilon in
     the denominator, so their correlations are 0, never NaN.
 
+    The q/k and v units of a self-attention ``nn.MultiheadAttention`` run inside the module; they are
+    read by projecting its input with each model's own rows of ``in_proj_weight`` (a unit's query and
+    key values are pooled as samples of the unit), and the heads move as wholes: the head order and the
+    matching inside heads are solved together (:func:`solve_step`). ``attention="weights"`` matches
+    these units by their weights instead (cosine similarity given the aligned residual stream).
+
     Ties are broken by the weights: a unit that is constant on the data (a ReLU that never fires)
-    correlates with nothing, and a group with no capture point (the q/k/v units inside
-    ``nn.MultiheadAttention``) has no correlations at all. For these the cosine similarity of the
-    units' weights (given the other groups' permutations) decides, added at a scale (1e-6 / units)
-    that changes the assignment of live units only where their correlation sums tie to within 1e-6.
-    A permuted copy of a model is thus recovered exactly.
+    correlates with nothing, and a group with no capture point (e.g. a cross-attention's q/k/v units)
+    has no correlations at all. For these the cosine similarity of the units' weights (given the other
+    groups' permutations) decides, added at a scale (1e-6 / units) that changes the assignment of live
+    units only where their correlation sums tie to within 1e-6. A permuted copy of a model is thus
+    recovered exactly.
     """
+    if attention not in ("activations", "weights"):
+        raise ValueError(f"attention must be 'activations' (project the attention's input to its q/k/v units) or "
+                         f"'weights' (match those units by weight similarity), got {attention!r}")
     check_same_architecture(model_a, model_b)
     check_finite(model_a, "model_a")
     check_finite(model_b, "model_b")
     first, stream = peek(data, batch_size, model_a, "activation matching")
     spec = permutation_spec(model_a, first[:2] if example_input is None else example_input)
     active = active_groups(spec, layers)
-    stats = collect_paired(model_a, model_b, spec, active, stream, CrossMoments, max_batches)
+    measured = [gi for gi in active
+                if attention == "activations" or all(c.proj is None for c in spec.groups[gi].captures)]
+    stats = collect_paired(model_a, model_b, spec, measured, stream, CrossMoments, max_batches)
     perms = list(identity_permutation(spec).perms)
     corr: dict[int, torch.Tensor] = {}
     dead: dict[int, torch.Tensor] = {}

@@ -7,10 +7,11 @@ a's units (rows) with model b's units (columns):
 
 - **Cost.** ``C[i, j] = E‖a_i − b_j‖²``, the mean squared distance between unit ``i`` of model a and unit
   ``j`` of model b over the data (every token or conv position is a sample), summed over the group's
-  capture points (where activation matching reads it: :attr:`vfnb.graph.Group.captures`). A group with
-  no activation to read (the q/k and v units inside ``nn.MultiheadAttention``) uses the squared
-  distance between the units' weights instead, with the other groups' transport maps applied to model
-  b (OT fusion's weight-based variant).
+  capture points (where activation matching reads it: :attr:`vfnb.graph.Group.captures`; the q/k and
+  v units of a self-attention ``nn.MultiheadAttention`` are read by projecting its input with each
+  model's own ``in_proj_weight`` rows). A group with no activation to read (a cross-attention's
+  units) uses the squared distance between the units' weights instead, with the other groups'
+  transport maps applied to model b (OT fusion's weight-based variant).
 - **Marginals.** Uniform, ``1/n`` on both sides (every unit carries the same mass).
 - **Plan.** ``reg = 0``: the exact earth mover's plan, ``ot.emd`` of POT. ``reg > 0``: the entropic plan,
   ``ot.sinkhorn`` (log-domain) on ``C / max C`` with regularization ``reg`` (so ``reg`` is relative to
@@ -61,8 +62,10 @@ def _check_reg(reg: float) -> float:
 
 def transport_plan(cost: torch.Tensor, reg: float = 0.0) -> torch.Tensor:
     """The transport plan between uniform marginals for ``cost`` (``[n_a, n_b]``): ``ot.emd`` for
-    ``reg = 0``, else log-domain ``ot.sinkhorn`` on ``cost / max(cost)`` with regularization ``reg``.
-    Returns ``P`` (float64; rows sum to ``1/n_a``, columns to ``1/n_b``)."""
+    ``reg = 0``, else log-domain ``ot.sinkhorn`` on ``cost / max(cost)`` with regularization ``reg``
+    (at most 20,000 iterations: below ``reg ≈ 0.01`` Sinkhorn converges slowly and POT warns when it
+    stops early; use ``reg = 0`` for a sharp plan). Returns ``P`` (float64; rows sum to ``1/n_a``,
+    columns to ``1/n_b``)."""
     import ot  # POT: imported on first use (it pulls in much of scipy)
     reg = _check_reg(reg)
     c = cost.detach().double().cpu().numpy()
@@ -74,7 +77,7 @@ def transport_plan(cost: torch.Tensor, reg: float = 0.0) -> torch.Tensor:
         plan = ot.emd(a, b, c, numItermax=10_000_000)
     else:
         scale = max(float(c.max()), 1e-300)
-        plan = ot.sinkhorn(a, b, c / scale, reg, method="sinkhorn_log", numItermax=10_000, stopThr=1e-10)
+        plan = ot.sinkhorn(a, b, c / scale, reg, method="sinkhorn_log", numItermax=20_000, stopThr=1e-9)
     return torch.from_numpy(np.asarray(plan, dtype=np.float64))
 
 
@@ -198,8 +201,8 @@ def ot_matching(model_a: nn.Module, model_b: nn.Module, data, example_input: tor
     ``C[i, j] = E‖a_i − b_j‖²`` between the two models' units at the group's capture points (summed over
     the points). Marginals are uniform; ``reg = 0`` gives the exact plan (``ot.emd``), ``reg > 0`` the
     entropic one (``ot.sinkhorn`` on ``C / max C``). ``T = n·P`` (module docstring). Groups without a
-    capture point (the q/k and v units of ``nn.MultiheadAttention``) use the weights' squared distances
-    after the other groups' maps, and an attention's heads move as wholes. ``layers=l`` aligns only the
+    capture point use the weights' squared distances after the other groups' maps, and an attention's
+    heads move as wholes. ``layers=l`` aligns only the
     groups of the first ``l`` layers (identity after). Returns a :class:`TransportAlignment`, which
     :func:`~vfnb.merge.interpolate` (through ``alignment.apply(model_b)``),
     :func:`~vfnb.pfm.preserve_first` and the normalizations accept like CCA's alignment.

@@ -65,6 +65,7 @@ class ViTResult:
     vf: dict[tuple[str, Fix], VFCurve] = field(default_factory=dict)        # merged model (l = 0) per method/fix
     explorer: dict[int, dict[str, VFCurve]] = field(default_factory=dict)   # l -> method -> VF curve (no fix)
     ot_sweep: dict[float, dict[str, float]] = field(default_factory=dict)  # reg -> training accuracy, sharpness
+    am_weights: dict[Fix, float] = field(default_factory=dict)             # AM with q/k/v matched by weights, l = 0
     seconds: dict[str, float] = field(default_factory=dict)
     n_test: int = 0
     n_match: int = 0
@@ -204,6 +205,12 @@ def run(cfg: Config, progress: bool = True) -> ViTResult:
         res.cost[l] = _ratio(count_cost(p, x), res.edge_cost)
     seconds["Table 5"] = time.perf_counter() - t
 
+    # activation matching with the attention's q/k/v units matched by their weights instead (l = 0)
+    amw = activation_matching(a, b, mdata, example_input=x, attention="weights")
+    tg = target_stats([a, apply_permutation(b, amw)], [1 - alpha, alpha], mdata, layers=rl)
+    res.am_weights = {fix: _acc(preserve_first(a, b, amw, layers=0, alpha=alpha, normalize=fix, data=mdata,
+                                               targets=tg), data) for fix in FIXES}
+
     # the vanishing feature along the residual stream, per merge (l = 0), and per l for the explorer
     t = time.perf_counter()
     points = a.stream_points()
@@ -258,8 +265,11 @@ def stages_table(res: ViTResult) -> list[dict[str, Any]]:
 
 def alignment_table(res: ViTResult) -> list[dict[str, Any]]:
     """Each alignment at the merged midpoint (l = 0): test accuracy per fix, and the time it took."""
-    return [{"alignment": METHOD_NAMES[m], **{f.label: _pct(res.table[(0, m, f)]) for f in FIXES},
+    rows = [{"alignment": METHOD_NAMES[m], **{f.label: _pct(res.table[(0, m, f)]) for f in FIXES},
              "seconds": "" if m == "direct" else round(res.align_seconds[m], 2)} for m in METHODS]
+    rows.insert(3, {"alignment": "activation matching, q/k/v units by weights",
+                    **{f.label: _pct(v) for f, v in res.am_weights.items()}, "seconds": ""})
+    return rows
 
 
 def _reg_name(res: ViTResult, reg: float) -> str:
@@ -355,7 +365,10 @@ def notes(res: ViTResult) -> dict[str, str]:
         f"nothing preserved, direct merging gives {_pct(res.table[(0, 'direct', Fix.NONE)])} %, weight matching "
         f"{_pct(res.table[(0, 'wm', Fix.NONE)])} %, activation matching {_pct(res.table[(0, 'am', Fix.NONE)])} % and "
         f"OT fusion {_pct(res.table[(0, 'ot', Fix.NONE)])} %. The best merged model is {METHODS[best0[1]]} with "
-        f"{best0[2].label}: {_pct(best0[0])} %, still far below the edge models.")
+        f"{best0[2].label}: {_pct(best0[0])} %, still far below the edge models. Matching the attention's q/k/v "
+        f"units by their weights instead of their activations gives "
+        f"{_pct(res.am_weights[Fix.NONE])} % ({_pct(res.am_weights[Fix.REPAIR])} % with REPAIR), against "
+        f"{_pct(res.table[(0, 'am', Fix.NONE)])} % ({_pct(res.table[(0, 'am', Fix.REPAIR)])} %) by activations.")
     used, uni, exact = res.ot_sweep[res.cfg.ot_reg], res.ot_sweep[float("inf")], res.ot_sweep.get(0.0)
     best = max((r for r in res.ot_sweep if r != float("inf")), key=lambda r: res.ot_sweep[r]["merged accuracy"])
     margin = noise_margin(used["merged accuracy"], uni["merged accuracy"], res.n_match)
