@@ -26,14 +26,6 @@ from vfnb.structure import block_depths
 from vfnb.transport import TransportAlignment, ot_matching, transport_plan
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def vit(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return vfnb.build_model("vit", in_channels=1, num_classes=10, input_size=28, depth=2, num_heads=3,

@@ -20,7 +20,7 @@ from .graph import (Entry, Group, Permutation, PermutationSpec, active_groups, f
                     identity_permutation, permutation_spec, permute_tensor)
 from .validate import check_finite, check_same_architecture
 
-__all__ = ["weight_matching", "activation_matching", "solve_step", "steps_of"]
+__all__ = ["weight_matching", "activation_matching", "solve_step", "steps_of", "unit_weights"]
 
 
 def _solve(S: torch.Tensor) -> torch.Tensor:
@@ -320,16 +320,24 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, data, example_in
     return Permutation(spec, tuple(perms))
 
 
-def _weight_similarity(spec: PermutationSpec, gi: int, sa: dict, sb: dict, by_key: dict,
-                       perms: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Cosine similarity of the units of group ``gi`` of the two models over all their weights, with the
-    other groups' permutations applied to model b."""
+def unit_weights(spec: PermutationSpec, gi: int, sa: dict, sb: dict, by_key: dict,
+                 move) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every weight of each unit of group ``gi``, as rows ``[units, values]`` of model a and of model b
+    (float64), with ``move(tensor, entries)`` aligning model b's other axes first (the other groups'
+    permutations, or transport maps)."""
     rows_a, rows_b = [], []
     for e in spec.groups[gi].entries:
         others = [(h, f) for h, f in by_key[e.key] if f.axis != e.axis]
         rows_a.append(e.take(sa[e.key].detach().cpu().double()))
-        rows_b.append(e.take(permute_tensor(sb[e.key].detach().cpu().double(), others, perms)))
-    a, b = torch.cat(rows_a, 1), torch.cat(rows_b, 1)
+        rows_b.append(e.take(move(sb[e.key].detach().cpu().double(), others)))
+    return torch.cat(rows_a, 1), torch.cat(rows_b, 1)
+
+
+def _weight_similarity(spec: PermutationSpec, gi: int, sa: dict, sb: dict, by_key: dict,
+                       perms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Cosine similarity of the units of group ``gi`` of the two models over all their weights, with the
+    other groups' permutations applied to model b."""
+    a, b = unit_weights(spec, gi, sa, sb, by_key, lambda t, others: permute_tensor(t, others, perms))
     a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
     b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return a @ b.T

@@ -47,7 +47,7 @@ from torch import nn
 from .activations import CrossMoments, collect_paired, peek
 from .cca import LinearAlignment, fingerprint, map_entry
 from .graph import Group, PermutationSpec, active_groups, permutation_spec
-from .matching import steps_of
+from .matching import steps_of, unit_weights
 from .validate import check_finite, check_same_architecture
 
 __all__ = ["TransportAlignment", "ot_matching", "transport_plan", "transform_tensor"]
@@ -155,12 +155,7 @@ def _weight_cost(spec: PermutationSpec, gi: int, sa: dict, sb: dict, by_key: dic
                  transforms: Sequence[torch.Tensor]) -> torch.Tensor:
     """Squared distance between the units' weights (all tensors the group owns), with the other groups'
     maps applied to model b."""
-    rows_a, rows_b = [], []
-    for e in spec.groups[gi].entries:
-        others = [(h, f) for h, f in by_key[e.key] if f.axis != e.axis]
-        rows_a.append(e.take(sa[e.key].detach().cpu().double()))
-        rows_b.append(e.take(transform_tensor(sb[e.key].detach().cpu().double(), others, transforms)))
-    a, b = torch.cat(rows_a, 1), torch.cat(rows_b, 1)
+    a, b = unit_weights(spec, gi, sa, sb, by_key, lambda t, others: transform_tensor(t, others, transforms))
     return torch.cdist(a, b).square()
 
 
