@@ -128,8 +128,9 @@ class LinearAlignment:
         """Raise ``ValueError`` unless ``model_b`` fits the spec and is the model this alignment was made for."""
         self.spec.check_model(model_b)
         if self.source is not None and not _same_fingerprint(self.source, fingerprint(model_b)):
+            how = {"TransportAlignment": "ot_matching"}.get(type(self).__name__, "cca_matching")
             raise ValueError("this alignment was computed for another model_b (its weights differ): an alignment "
-                             "belongs to one pair of models; run cca_matching on this pair")
+                             f"belongs to one pair of models; run {how} on this pair")
 
     @torch.no_grad()
     def apply(self, model_b: nn.Module) -> nn.Module:

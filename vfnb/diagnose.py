@@ -28,12 +28,17 @@ def layer_outputs(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> di
     missing = [n for n in names if n.partition(":")[0] not in modules or n.partition(":")[2] not in ("", "input")]
     if missing:
         raise ValueError(f"model has no module(s) {missing} (a name is a module's, optionally with ':input')")
+    def first_input(n: str):
+        def hook(m, args, kwargs) -> None:
+            t = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+            if t is not None:
+                out[n] = t.detach()
+        return hook
     hooks = []
     for n in names:
         mod, _, what = n.partition(":")
         if what == "input":
-            hooks.append(modules[mod].register_forward_pre_hook(
-                lambda m, args, n=n: out.__setitem__(n, args[0].detach())))
+            hooks.append(modules[mod].register_forward_pre_hook(first_input(n), with_kwargs=True))
         else:
             hooks.append(modules[mod].register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o.detach())))
     was_training = model.training
@@ -43,6 +48,11 @@ def layer_outputs(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> di
         model.train(was_training)
         for h in hooks:
             h.remove()
+    silent = [n for n in names if n not in out]
+    if silent:
+        raise ValueError(f"module(s) {silent} never ran (or got no tensor input) in the forward pass: a container "
+                         "whose children are called directly, as in a traced PFM model, has no output of its own; "
+                         "name a leaf module")
     return out
 
 

@@ -49,7 +49,7 @@ from torch import nn
 from .activations import to_model
 from .structure import BN_TYPES, WEIGHT_TYPES, check_layer_count, layer_depths, trace
 from .models.norm import LayerNorm2d
-from .validate import UnsupportedOperationError
+from .validate import UnsupportedOperationError, attention_layout
 
 __all__ = ["UnsupportedOperationError", "Entry", "Capture", "Heads", "Group", "PermutationSpec", "Permutation", "block_index",
            "active_groups", "head_order", "from_head_orders",
@@ -150,6 +150,7 @@ class PermutationSpec:
     model_type: str
     shapes: dict[str, tuple[int, ...]] = field(repr=False)
     graph: fx.Graph = field(repr=False)
+    attention: dict[str, tuple[int, bool]] = field(default_factory=dict, repr=False)
 
     def by_key(self) -> dict[str, list[tuple[int, Entry]]]:
         """``key -> [(group index, entry), ...]``: every permuted axis of every tensor."""
@@ -191,6 +192,9 @@ class PermutationSpec:
         """Raise ``ValueError`` unless ``model`` has this spec's architecture (type and shapes)."""
         name = _type_name(model)
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if self.attention and attention_layout(model) != self.attention:
+            raise ValueError(f"this permutation belongs to a {self.model_type} whose attention layers have (num_heads, "
+                             f"batch_first) {self.attention}; this model's are {attention_layout(model)}")
         if name != self.model_type or shapes != self.shapes:
             diff = next((k for k in sorted(set(shapes) | set(self.shapes)) if shapes.get(k) != self.shapes.get(k)),
                         None)
@@ -961,14 +965,18 @@ class _Analysis(fx.Interpreter):
         for c in chans:
             self.pair(c, chan)
         out_shape = _tensors(value)[0].shape
+        # per-head weights returned, or a per-head mask: the heads' order is observable, so they stay in place
+        mask = (list(args) + [None] * 6)[5] if len(args) > 5 else kwargs.get("attn_mask")
+        weights = value[1] if isinstance(value, (tuple, list)) and len(value) > 1 else None
+        wholes = not ((isinstance(weights, torch.Tensor) and weights.dim() == 4)
+                      or (isinstance(mask, torch.Tensor) and mask.dim() == 3))
         src = (list(n.args) + [n.kwargs.get(k) for k in ("query", "key", "value")][len(n.args):])[:3]
         source = ((src[0].name, query.dim() - 1) if all(isinstance(s, fx.Node) for s in src)
                   and src[0] is src[1] is src[2] else None)  # self-attention: q, k, v from one value
         out = self.heads(n, name, mod.num_heads, mod.embed_dim, chan, f"{name}.in_proj_weight",
                          f"{name}.in_proj_bias" if mod.in_proj_bias is not None else None,
                          f"{name}.out_proj.weight", f"{name}.out_proj.bias" if mod.out_proj.bias is not None else None,
-                         out_shape, source=source)
-        weights = value[1] if isinstance(value, (tuple, list)) and len(value) > 1 else None
+                         out_shape, wholes=wholes, source=source)
         return (out, None if weights is None else torch.zeros(weights.shape, dtype=torch.long))
 
     def window_attention(self, n, args, real_args, real_kwargs, value):
@@ -1128,7 +1136,8 @@ def _build_spec(model: nn.Module, gm: fx.GraphModule, an: _Analysis,
                             heads_of.get(gi)))
     layers = tuple(dict.fromkeys(str(n.target) for n in sorted(main, key=lambda n: (lp[n], list(gm.graph.nodes)
                                                                                       .index(n)))))
-    return PermutationSpec(tuple(groups), layers, total, _type_name(model), shapes, gm.graph)
+    return PermutationSpec(tuple(groups), layers, total, _type_name(model), shapes, gm.graph,
+                           attention_layout(model))
 
 
 def _atoms(an: _Analysis, roots: np.ndarray, preserved: list[torch.Tensor]):

@@ -246,7 +246,10 @@ def cut(model: nn.Module, graph: fx.Graph, depth: int) -> Cut:
     """Split ``graph`` (a trace of ``model``) after layer ``depth``, with no per-architecture code: every
     conv/linear node whose longest-path depth exceeds ``depth``, and every node computed from one, goes
     to the back part; everything else to the front part. A layer's norm, activation and pooling thus
-    stay with it, and a shortcut conv goes to the side of the block it runs beside. The front part
+    stay with it, and a shortcut conv goes to the side of the block it runs beside. An
+    ``nn.MultiheadAttention`` counts as a layer here (depth: the layers before it + 1), so a cut at the end
+    of a transformer block keeps the next block's attention behind it (its pre-norm LayerNorm stays in
+    front, and its output is averaged at the cut). The front part
     returns every value the back part reads (for a chain the input of layer ``depth + 1``; for a ResNet
     cut inside a block the residual stream and the block's inner branch). Constants (``get_attr``) are
     copied to both parts."""
@@ -261,13 +264,17 @@ def cut(model: nn.Module, graph: fx.Graph, depth: int) -> Cut:
         raise UnsupportedOperationError(f"layer(s) {twice} run more than once per forward pass; a cut between their "
                                         "calls would duplicate shared weights")
     lp, _, _ = layer_depths(graph, set(layer_nodes))
+    # an attention module makes new units but is not counted as a layer (its projections are not separate
+    # modules); it starts the block it belongs to, so it goes where a layer of depth lp + 1 would go
+    anchors = {n for n in nodes if n.op == "call_module"
+               and isinstance(modules.get(str(n.target)), nn.MultiheadAttention) and lp[n] >= depth}
     dep: set[fx.Node] = set()   # nodes computed from the input
     back: set[fx.Node] = set()
     is_layer = set(layer_nodes)
     for n in nodes:
         if n.op == "placeholder" or any(i in dep for i in n.all_input_nodes):
             dep.add(n)
-        if (n in is_layer and lp[n] > depth) or n.op == "output" \
+        if (n in is_layer and lp[n] > depth) or n in anchors or n.op == "output" \
                 or (n in dep and any(i in back for i in n.all_input_nodes)):
             back.add(n)
     crossing = [n for n in nodes if n not in back and n in dep and any(u in back for u in n.users)]

@@ -62,15 +62,19 @@ def _check_reg(reg: float) -> float:
 
 def transport_plan(cost: torch.Tensor, reg: float = 0.0) -> torch.Tensor:
     """The transport plan between uniform marginals for ``cost`` (``[n_a, n_b]``): ``ot.emd`` for
-    ``reg = 0``, else log-domain ``ot.sinkhorn`` on ``cost / max(cost)`` with regularization ``reg``
+    ``reg = 0``, else log-domain ``ot.sinkhorn`` on ``cost / (max − min)`` (the cost shifted to start
+    at 0) with regularization ``reg``
     (at most 20,000 iterations: below ``reg ≈ 0.01`` Sinkhorn converges slowly and POT warns when it
     stops early; use ``reg = 0`` for a sharp plan). Returns ``P`` (float64; rows sum to ``1/n_a``,
     columns to ``1/n_b``)."""
     import ot  # POT: imported on first use (it pulls in much of scipy)
     reg = _check_reg(reg)
     c = cost.detach().double().cpu().numpy()
+    if c.ndim != 2 or 0 in c.shape:
+        raise ValueError(f"the transport cost must be a non-empty matrix, got shape {list(c.shape)}")
     if not np.isfinite(c).all():
         raise ValueError("the transport cost has non-finite entries (NaN or inf activations or weights)")
+    c = c - c.min()  # the plan does not change when a constant is added to the cost; now max(c) is its range
     a = np.full(c.shape[0], 1.0 / c.shape[0])
     b = np.full(c.shape[1], 1.0 / c.shape[1])
     if reg == 0:
@@ -107,8 +111,10 @@ class TransportAlignment(LinearAlignment):
 
     @classmethod
     def uniform(cls, spec: PermutationSpec, model_b: nn.Module | None = None) -> TransportAlignment:
-        """The limit of infinite regularization, ``T = 11ᵀ/n`` per group: every unit of model b becomes its
-        layer's mean unit. A baseline for soft plans (what merging gains by discarding model b's units)."""
+        """``T = 11ᵀ/n`` per group: every unit of model b becomes its layer's mean unit. A baseline for soft
+        plans (what merging gains by discarding model b's units). It is the ``reg → ∞`` limit of
+        :func:`ot_matching` except for an attention's q/k and v groups, where that limit keeps every head
+        whole (uniform inside each head); this baseline mixes the heads too."""
         maps = tuple(torch.full((g.size, g.size), 1.0 / g.size, dtype=torch.float64) for g in spec.groups)
         return cls(spec, maps, source=None if model_b is None else fingerprint(model_b),
                    plans=tuple(t / len(t) for t in maps), reg=float("inf"))
@@ -215,17 +221,42 @@ def ot_matching(model_a: nn.Module, model_b: nn.Module, data, example_input: tor
     transforms = [torch.eye(g.size, dtype=torch.float64) for g in spec.groups]
     plans = [torch.eye(g.size, dtype=torch.float64) / g.size for g in spec.groups]
     costs: dict[int, torch.Tensor] = {}
+    dead: dict[int, torch.Tensor] = {}
     for gi in active:
-        parts = [_sq_dist(m) for (h, _), m in stats.items() if h == gi]
-        if parts:
-            costs[gi] = torch.stack(parts).sum(0)
+        moments = [m for (h, _), m in stats.items() if h == gi]
+        if moments:
+            costs[gi] = torch.stack([_sq_dist(m) for m in moments]).sum(0)
+            da, db = zip(*(m.constant() for m in moments))
+            dead[gi] = torch.stack(da).all(0)[:, None] | torch.stack(db).all(0)[None, :]
     sa, sb = model_a.state_dict(), model_b.state_dict()
     by_key = spec.by_key()
-    # groups read from activations first; then the capture-less ones from weights, given those maps
-    steps = sorted(steps_of(spec, active), key=lambda s: any(gi not in costs for gi in s[0]))
-    for step, free_heads in steps:
-        cs = [costs[gi] if gi in costs else _weight_cost(spec, gi, sa, sb, by_key, transforms) for gi in step]
+
+    def solve(step, free_heads, cost_of) -> None:
+        cs = [cost_of(gi) for gi in step]
         for gi, plan in zip(step, _plan_step([spec.groups[gi] for gi in step], cs, reg, free_heads)):
             plans[gi] = plan
             transforms[gi] = plan * spec.groups[gi].size
+
+    def weights(gi: int) -> torch.Tensor:
+        return _weight_cost(spec, gi, sa, sb, by_key, transforms)
+    # groups read from activations first; then the capture-less ones from weights, given those maps
+    steps = sorted(steps_of(spec, active), key=lambda s: any(gi not in costs for gi in s[0]))
+    for step, free_heads in steps:
+        solve(step, free_heads, lambda gi: costs[gi] if gi in costs else weights(gi))
+    # units constant on the data (dead ReLUs) are equally far from every other dead unit: as activation
+    # matching does, the weights (given every other group's map) break those ties, at a scale that cannot
+    # outweigh any real difference in the activation cost
+    for step, free_heads in steps:
+        if not any(gi in dead and dead[gi].any() for gi in step):
+            continue
+
+        def tied(gi: int) -> torch.Tensor:
+            if gi not in costs:
+                return weights(gi)
+            if not dead[gi].any():
+                return costs[gi]
+            w = weights(gi)
+            scale = 1e-6 * max(float(costs[gi].max()), 1e-12) / max(float(w.max()), 1e-300)
+            return costs[gi] + dead[gi] * w * scale
+        solve(step, free_heads, tied)
     return TransportAlignment(spec, tuple(transforms), source=fingerprint(model_b), plans=tuple(plans), reg=reg)

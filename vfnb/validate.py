@@ -65,3 +65,16 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
         if sa[k].is_floating_point() and sa[k].dtype != sb[k].dtype:
             raise ValueError(f"dtype mismatch at {k!r}: {sa[k].dtype} vs {sb[k].dtype}; convert both models to one "
                              "dtype first (e.g. model.double() or model.float())")
+    ha, hb = attention_layout(model_a), attention_layout(model_b)
+    diff = next((k for k in ha if ha[k] != hb.get(k)), None)
+    if diff is not None:
+        raise ValueError(f"attention {diff!r} differs: (num_heads, batch_first) is {ha[diff]} in model_a and "
+                         f"{hb.get(diff)} in model_b; the same weight shapes split into other heads cannot be aligned "
+                         "head by head. Build both models with the same number of heads")
+
+
+def attention_layout(model: nn.Module) -> dict[str, tuple[int, bool]]:
+    """``{module name: (num_heads, batch_first)}`` of every ``nn.MultiheadAttention``: what the state dict's
+    shapes do not show about an attention's layout."""
+    return {name: (m.num_heads, bool(m.batch_first)) for name, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention)}
