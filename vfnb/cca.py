@@ -297,15 +297,10 @@ def group_of_value(spec: PermutationSpec, node_name: str, model: nn.Module) -> i
     return None
 
 
-def block_of(x_shape: Sequence[int], size: int, axis: int | None = None) -> tuple[int, int]:
-    """``(axis, block)`` of a group of ``size`` units in an activation of shape ``x_shape``: ``axis`` if
-    given (block 1), else the channel axis of a conv map (block 1), the last axis of a token sequence
-    ``[N, tokens, size]``, or the feature axis of a flat ``[N, size·block]`` tensor."""
-    if axis is not None:
-        if x_shape[axis] != size:
-            raise UnsupportedOperationError(f"axis {axis} of an activation of shape {list(x_shape)} does not hold "
-                                            f"{size} units")
-        return axis % len(x_shape), 1
+def block_of(x_shape: Sequence[int], size: int) -> tuple[int, int]:
+    """``(axis, block)`` of a group of ``size`` units in an activation of shape ``x_shape``: the channel
+    axis of a conv map (block 1), the last axis of a token sequence ``[N, tokens, size]``, or the feature
+    axis of a flat ``[N, size·block]`` tensor. A guess from the shape (tokens == size picks axis 1)."""
     if len(x_shape) > 2:
         if x_shape[1] != size and x_shape[-1] == size:
             return len(x_shape) - 1, 1

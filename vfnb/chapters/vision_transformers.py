@@ -177,6 +177,10 @@ def run(cfg: Config, progress: bool = True) -> ViTResult:
     res.ensemble = _acc(preserve_first(a, b, alignments["am"], layers=spec.num_layers, alpha=alpha), data)
     res.edge_cost = count_cost(a, x)
 
+    # model b in model a's units, once per alignment (the OT sweep and the normalization targets reuse it)
+    partners = {m: (al.apply(b) if isinstance(al, TransportAlignment) else apply_permutation(b, al))
+                for m, al in alignments.items()}
+
     # OT's regularization, chosen on training images (merged midpoint, l = 0, no normalization)
     t = time.perf_counter()
     for reg in tqdm(sorted(set(cfg.ot_regs) | {cfg.ot_reg}) + [float("inf")], desc="OT regularization",
@@ -185,7 +189,7 @@ def run(cfg: Config, progress: bool = True) -> ViTResult:
             al = TransportAlignment.uniform(spec, b)
         else:
             al = alignments["ot"] if reg == cfg.ot_reg else ot_matching(a, b, mdata, example_input=x, reg=reg)
-        moved = al.apply(b)
+        moved = partners["ot"] if reg == cfg.ot_reg else al.apply(b)
         res.ot_sweep[reg] = {"merged accuracy": _acc(interpolate(a, moved, alpha), mdata),
                              "transported model 2 alone": _acc(moved, mdata),
                              "mean largest entry of T": _sharpness(al)}
@@ -194,8 +198,6 @@ def run(cfg: Config, progress: bool = True) -> ViTResult:
     # Table 5: PFM_l/L for every l, every alignment, every fix
     t = time.perf_counter()
     rl = repair_layers(a)
-    partners = {m: (al.apply(b) if isinstance(al, TransportAlignment) else apply_permutation(b, al))
-                for m, al in alignments.items()}
     targets = {m: target_stats([a, p], [1 - alpha, alpha], mdata, layers=rl) for m, p in partners.items()}
     for l, layers in enumerate(tqdm(depths, desc="Table 5: PFM over blocks", disable=not progress, leave=False)):
         for m, al in alignments.items():
