@@ -11,6 +11,8 @@ import pytest
 # Tests train into their own zoo, so a user's cache never changes what they see (and vice versa).
 # Set VFNB_TEST_CACHE to reuse one between runs.
 os.environ["VFNB_CACHE"] = os.environ.get("VFNB_TEST_CACHE") or tempfile.mkdtemp(prefix="vfnb-test-zoo-")
+# Chapters record their results (vfnb.results) here, and the conclusion page of the smoke book reads them.
+os.environ["VFNB_RESULTS"] = tempfile.mkdtemp(prefix="vfnb-test-results-")
 
 from vfnb import book
 

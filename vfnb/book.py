@@ -117,13 +117,13 @@ _all_chapters = chapters  # build_book's ``chapters`` argument shadows the funct
 
 def chapter_id(chapter: str | os.PathLike) -> str:
     """A chapter's id: its notebook's stem without the number prefix (``05_4_preserve_first_merging`` ->
-    ``preserve_first_merging``), the key of ``vfnb.config.EXPERIMENTS`` and the module of ``vfnb.chapters``."""
+    ``preserve_first_merging``; appendix chapters carry an ``A``: ``A8_4_vision_transformers``), the key of ``vfnb.config.EXPERIMENTS`` and the module of ``vfnb.chapters``."""
     import re
 
     stem = Path(chapter).stem
-    cid = re.sub(r"^\d+(?:_\d+)*_", "", stem)
+    cid = re.sub(r"^(?:A?\d+)(?:_\d+)*_", "", stem)
     if not cid or cid == stem and stem[:1].isdigit():
-        raise BookError(f"chapter {stem!r} has no id: name chapter notebooks <number>_<id>.ipynb, e.g. 04_linear_networks")
+        raise BookError(f"chapter {stem!r} has no id: name chapter notebooks <number>_<id>.ipynb, e.g. 04_linear_networks (appendix: A1_closed_forms)")
     return cid
 
 
@@ -186,6 +186,20 @@ def _importable() -> Iterator[None]:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = old
+
+
+@contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable (seen by the papermill kernels) for the duration of a block."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def run_chapter(chapter: str | os.PathLike, parameters: Mapping[str, Any] | None = None,
@@ -391,6 +405,9 @@ def build_book(profile: str = "cpu", out_dir: str | os.PathLike = "_build",
                root: Path | None = None) -> Path:
     """Execute every chapter at ``profile`` and build the HTML book; return ``index.html``.
 
+    The chapters record their results (:mod:`vfnb.results`) under ``<out_dir>/results``, where the conclusion
+    page, executed last, gathers them.
+
     ``parameters`` go to every chapter whose parameters cell declares them; a name that no
     selected chapter declares is an error. ``chapters`` limits the build to some chapters.
     """
@@ -403,11 +420,13 @@ def build_book(profile: str = "cpu", out_dir: str | os.PathLike = "_build",
         raise BookError(f"no chapter takes parameter(s) {', '.join(missing)}; allowed: "
                         f"{', '.join(sorted(set().union(*declared.values())))}")
     stage = prepare_stage(out_dir, selected if chapters is not None else None, root=root)
-    for i, path in enumerate(selected, 1):
-        print(f"[{i}/{len(selected)}] executing {path.stem} (profile {profile})", flush=True)
-        own = {k: v for k, v in params.items() if k in declared[path]}
-        run_chapter(path, own, output_path=stage_path(stage, path, root), profile=profile,
-                    progress=progress, root=root)
+    # every chapter records its results (vfnb.results) inside the build, where the conclusion page reads them
+    with _environment("VFNB_RESULTS", str(Path(out_dir).resolve() / "results")):
+        for i, path in enumerate(selected, 1):
+            print(f"[{i}/{len(selected)}] executing {path.stem} (profile {profile})", flush=True)
+            own = {k: v for k, v in params.items() if k in declared[path]}
+            run_chapter(path, own, output_path=stage_path(stage, path, root), profile=profile,
+                        progress=progress, root=root)
     print("building HTML with jupyter-book ...", flush=True)
     index = render_book(stage, out_dir)
     print(f"book written to {index}")

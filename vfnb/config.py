@@ -174,6 +174,36 @@ PARAMS.update({
                      "OT regularizations compared on training images (ot_reg is added)", is_list=True),
 })
 
+# --- appendix A.1 closed forms (vfnb.chapters.closed_forms) ---------------------------------------------------
+PARAMS.update({
+    "n_inputs": Param(_int(2, 100000), "an integer in [2, 100000]",
+                      "random inputs (and test images) on which the closed forms are checked"),
+})
+
+# --- appendix A.4 training recipe (vfnb.chapters.training_recipe) ---------------------------------------------
+_LR_ARCHS = ("VGG", "VGG-LN", "ResNet20-LN")
+PARAMS.update({
+    "lrs": Param(_distinct(_float(0.0, 10.0, lo_open=True)), "a list of >= 2 distinct floats in (0, 10]",
+                 "learning rates of Fig. 6A (the smallest and largest also serve Fig. 9)", is_list=True),
+    "weight_decays": Param(_distinct(_float(0.0, 1.0)), "a list of >= 2 distinct floats in [0, 1]",
+                           "weight decays of Fig. 6C (the smallest and largest also compare REPAIR and RESCALE)",
+                           is_list=True),
+    "lr_archs": Param(_distinct(_choice(*_LR_ARCHS)), f"a list of distinct names from {', '.join(_LR_ARCHS)}",
+                      "architectures of the learning-rate sweep", is_list=True),
+    "rebasin_lrs": Param(_distinct(_float(0.0, 10.0, lo_open=True)), "a list of >= 2 distinct floats in (0, 10]",
+                         "peak learning rates of VGG16-LN on MNIST with Git Re-Basin's recipe", is_list=True),
+    "rebasin_epochs": Param(_int(1, 1000), "an integer in [1, 1000]", "epochs of the VGG16-LN MNIST models (Git Re-Basin: 25)"),
+    "rebasin_width": Param(_float(0.0, 8.0, lo_open=True), "a float in (0, 8]", "width multiplier of the VGG16-LN MNIST models"),
+    "rebasin_dataset": Param(_choice(*DATASET_NAMES), f"one of {', '.join(DATASET_NAMES)}",
+                             "dataset of the VGG16-LN models (Git Re-Basin: MNIST)"),
+})
+
+# --- §6 conclusion (vfnb.chapters.conclusion) ------------------------------------------------------------------
+PARAMS.update({
+    "results_dir": Param(_optional(lambda v: isinstance(v, (str, os.PathLike))), "a directory path or None",
+                         "where chapters record their results (default: $VFNB_RESULTS or ~/.cache/vfnb/results)"),
+})
+
 # ------------------------------------------------------------------------------------------------------------
 # Profile defaults, per chapter id. Every key is a parameter of that chapter; device and cache_dir come last.
 _DATA = {"dataset": "mnist5k", "data_root": None}
@@ -195,6 +225,31 @@ EXPERIMENTS["linear_networks"] = {
               "depth": 8, "width": 32, "epochs": 20, "lr": 0.01, "weight_decay": 1e-4,
               "batch_size": 128, "alpha": 0.5, "n_alphas": 21},
 }
+# Appendix A.1: the §4 networks (shared with that chapter through the zoo), their residual twins trained with the
+# same recipe, and two untrained square residual networks; n_inputs Gaussian inputs check every layer.
+EXPERIMENTS["closed_forms"] = {
+    p: {**{k: v for k, v in d.items() if k != "n_alphas"}, "n_inputs": {"smoke": 64, "cpu": 512, "paper": 1000}[p]}
+    for p, d in EXPERIMENTS["linear_networks"].items()}
+# Appendix A.4: VGG11 at 1/8 width at cpu (the whole chapter trains ~36 small models), the paper's grids at paper.
+# Consecutive seeds form the pairs; the first pair serves every sweep, all pairs the REPAIR/RESCALE comparison.
+EXPERIMENTS["training_recipe"] = {
+    "smoke": {**_DATA, "n_train": 512, "n_test": 256, "seeds": [0, 1, 2, 3], "model": "vgg11", "model_width": 0.0625,
+              "epochs": 1, "lr": 0.05, "weight_decay": 5e-3, "batch_size": 128, "lrs": [0.01, 0.1],
+              "weight_decays": [1e-4, 5e-3], "lr_archs": ["VGG"], "n_alphas": 3, "n_match": 128,
+              "rebasin_lrs": [0.001, 0.1], "rebasin_epochs": 1, "rebasin_width": 0.0625, "rebasin_dataset": "mnist5k"},
+    "cpu": {**_DATA, "n_train": None, "n_test": None, "seeds": [0, 1, 2, 3, 4, 5], "model": "vgg11",
+            "model_width": 0.125, "epochs": 15, "lr": 0.05, "weight_decay": 5e-3, "batch_size": 128,
+            "lrs": [0.01, 0.05, 0.1], "weight_decays": [1e-4, 5e-4, 1e-3, 5e-3], "lr_archs": ["VGG", "VGG-LN"],
+            "n_alphas": 11, "n_match": 1000, "rebasin_lrs": [0.001, 0.01, 0.1], "rebasin_epochs": 10,
+            "rebasin_width": 0.125, "rebasin_dataset": "mnist5k"},
+    "paper": {**_DATA, "dataset": "cifar10", "n_train": None, "n_test": None, "seeds": [0, 1, 2, 3, 4, 5],
+              "model": "vgg16", "model_width": 1.0, "epochs": 160, "lr": 0.1, "weight_decay": 1e-4, "batch_size": 128,
+              "lrs": [0.01, 0.03, 0.05, 0.07, 0.1], "weight_decays": [1e-4, 2e-4, 3e-4, 4e-4, 5e-4],
+              "lr_archs": ["VGG", "VGG-LN", "ResNet20-LN"], "n_alphas": 21, "n_match": 5000,
+              "rebasin_lrs": [0.001, 0.01, 0.1], "rebasin_epochs": 25, "rebasin_width": 1.0, "rebasin_dataset": "mnist"},
+}
+# Paper §6: the claims every chapter recorded at this profile, gathered (vfnb.results).
+EXPERIMENTS["conclusion"] = {p: {"results_dir": None} for p in PROFILES}
 # Paper §1: the linear networks of §4 in one figure; only where things live can be chosen.
 EXPERIMENTS["introduction"] = {p: {"data_root": None} for p in PROFILES}
 # Paper §2: direct, weight-matching and activation-matching merging of two VGG16 edge models.
@@ -299,13 +354,14 @@ EXPERIMENTS["vision_transformers"] = {
 # every chapter takes device and cache_dir, listed last (the order of its parameters cell); chapters in
 # reading order (_toc.yml; tests/test_chapter_registry.py checks both)
 _ORDER = ("introduction", "preliminaries", "experimental_setup", "linear_networks", "vanishing_feature",
-          "merging_through_vf", "enhanced_normalization", "preserve_first_merging", "pruning", "vision_transformers")
+          "merging_through_vf", "enhanced_normalization", "preserve_first_merging", "pruning", "closed_forms",
+          "training_recipe", "vision_transformers", "conclusion")
 EXPERIMENTS = {c: {p: {**{k: v for k, v in d.items() if k not in _RUNTIME}, **_RUNTIME}
                    for p, d in EXPERIMENTS[c].items()} for c in _ORDER}
 
 #: Chapters whose edge models come in pairs of consecutive seeds ([0, 1, 2, 3] → (0, 1), (2, 3)); every
 #: other chapter with ``seeds`` merges exactly one pair.
-SEED_PAIRS = frozenset({"preserve_first_merging"})
+SEED_PAIRS = frozenset({"preserve_first_merging", "training_recipe"})
 #: Numbers of layers bounded by an architecture's L: parameter -> the config key naming the architecture,
 #: or the architecture itself.
 LAYER_PARAMS: dict[str, str] = {"pfm_layers": "model", "zip_layers": "model", "sweep_layers": "model",

@@ -38,6 +38,7 @@ __all__ = [
     "load_dataset",
     "calibration_subset",
     "train_val_split",
+    "dataset_shape",
 ]
 
 DATASETS = ("mnist5k", "mnist", "cifar10", "cifar100")
@@ -51,6 +52,8 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 _NUM_CLASSES = {"mnist5k": 10, "mnist": 10, "cifar10": 10, "cifar100": 100}
+#: (channels, side) of each dataset's images.
+_IMAGE_SHAPES = {"mnist5k": (1, 28), "mnist": (1, 28), "cifar10": (3, 32), "cifar100": (3, 32)}
 _MNIST5K_TRAIN = 4000
 _PAD = 4
 
@@ -169,6 +172,13 @@ def _crop_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return padded[torch.arange(b, device=x.device)[:, None, None, None],
                   torch.arange(c, device=x.device)[None, :, None, None],
                   rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def dataset_shape(name: str) -> tuple[int, int, int]:
+    """``(channels, image side, classes)`` of a dataset, known without its files."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return (*_IMAGE_SHAPES[name], _NUM_CLASSES[name])
 
 
 def default_data_root() -> Path:

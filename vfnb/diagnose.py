@@ -152,6 +152,46 @@ def weight_scale(model: nn.Module) -> dict[str, np.ndarray | list[str]]:
     return {"names": names, "weight": np.array(w), "bias": np.array(b)}
 
 
+def scale_parameters(model: nn.Module, weight: float, bias: float) -> nn.Module:
+    """A copy of ``model`` with every conv/linear weight multiplied by ``weight`` (λ) and every bias by ``bias``
+    (μ); norm layers are left alone (paper §4.2 "Magnitude perspective", appendix A.5.2). In a linear network
+    this multiplies g⁽ˡ⁾ by λˡ and the contribution of layer j's bias to h⁽ˡ⁾ by λˡ⁻ʲμ."""
+    import copy
+    for name, v in (("weight", weight), ("bias", bias)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+            raise ValueError(f"scale_parameters: {name} must be a finite number, got {v!r}")
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in out.modules():
+            if isinstance(m, WEIGHT_TYPES):
+                m.weight.mul_(weight)
+                if m.bias is not None:
+                    m.bias.mul_(bias)
+    return out
+
+
+def weight_norms(model_a: nn.Module, model_b: nn.Module, alpha: float = 0.5) -> dict[str, np.ndarray | list[str]]:
+    """Per conv/linear layer: the Frobenius norms of both models' weights and of their interpolation
+    ``W_α = (1−α)W_a + αW_b`` (appendix A.5.2). By the triangle inequality ``‖W_α‖ ≤ (1−α)‖W_a‖ + α‖W_b‖``;
+    for independent Gaussian rows of equal scale, ``E‖W_½‖ ≈ ‖W‖/√2``."""
+    from .validate import check_alpha
+    check_alpha(alpha)
+    names, na, nb, nm = [], [], [], []
+    mods_b = dict(model_b.named_modules())
+    for name, m in model_a.named_modules():
+        if isinstance(m, WEIGHT_TYPES):
+            other = mods_b.get(name)
+            if other is None or other.weight.shape != m.weight.shape:
+                raise ValueError(f"weight_norms needs two models of one architecture; layer {name!r} differs")
+            wa, wb = m.weight.detach().double(), other.weight.detach().double()
+            names.append(name)
+            na.append(float(wa.norm()))
+            nb.append(float(wb.norm()))
+            nm.append(float(((1 - alpha) * wa + alpha * wb).norm()))
+    return {"names": names, "a": np.array(na), "b": np.array(nb), "merged": np.array(nm),
+            "triangle": (1 - alpha) * np.array(na) + alpha * np.array(nb)}
+
+
 def scaling_matrix(w0: torch.Tensor, w1: torch.Tensor) -> dict[str, float]:
     """Statistics of the elementwise scaling matrix W0 ⊘ W1 (paper §5.2 "Permutation").
 

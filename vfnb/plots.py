@@ -308,3 +308,29 @@ def table(rows: Sequence[dict], floatfmt: str = "{:.4g}"):
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return Markdown("\n".join(lines))
+
+
+def html_table(rows: Sequence[dict], floatfmt: str = "{:.4g}", raw: Sequence[str] = ()) -> str:
+    """Rows of dicts as an HTML table in a horizontally scrolling box; every cell is escaped except the columns
+    named in ``raw`` (already HTML, e.g. links)."""
+    import html
+    if not rows:
+        return "<p><em>(empty)</em></p>"
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(c: str, v: object) -> str:
+        text = floatfmt.format(v) if isinstance(v, float) else str(v)
+        return text if c in raw else html.escape(text)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{cell(c, r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
+    return (f'<div class="vfnb-table" style="overflow-x:auto"><table class="table">'
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
+
+
+def collapsible(sections: Sequence[tuple[str, str]]):
+    """``(title, html)`` sections as one HTML block of ``<details>`` elements, closed until clicked (they work in
+    the static book without a kernel)."""
+    import html
+
+    from IPython.display import HTML
+    return HTML("".join(f"<details><summary>{html.escape(t)}</summary>{body}</details>" for t, body in sections))

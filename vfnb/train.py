@@ -17,12 +17,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .models import build_model
 
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("constant", "step", "warmup_step")
+SCHEDULES = ("constant", "step", "warmup_step", "warmup_cosine")
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,10 @@ class TrainConfig:
     number of classes follow the dataset. ``n_train=None`` uses the whole training split.
     Step decay divides the learning rate by 10 at 51 % and 77 % of training (the paper's epochs
     82 and 123 of 160); ``warmup_step`` also ramps it linearly from 1e-6 during the first epoch.
-    ``grad_clip`` caps the global gradient norm of every step (``None``: no clipping).
+    ``warmup_cosine`` (Git Re-Basin's MNIST recipe, appendix A.4) ramps linearly during the first epoch, then
+    follows a cosine down to 0. ``grad_clip`` caps the global gradient norm of every step (``None``: no
+    clipping). ``snapshots=True`` keeps the weights after every epoch (and at initialization) in the zoo
+    entry, for measurements along training (appendix A.4, Figure 9).
     """
 
     model: str
@@ -49,6 +53,7 @@ class TrainConfig:
     schedule: str = "step"
     n_train: int | None = None
     grad_clip: float | None = None
+    snapshots: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -65,14 +70,19 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if not isinstance(self.snapshots, bool):
+            raise ValueError(f"TrainConfig.snapshots must be True or False, got {self.snapshots!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields; ``grad_clip`` only when set, so configurations without it keep their zoo keys."""
+        """All fields; ``grad_clip`` and ``snapshots`` only when set, so configurations without them keep their
+        zoo keys."""
         d = dataclasses.asdict(self)
         if d["grad_clip"] is None:
             del d["grad_clip"]
+        if not d["snapshots"]:
+            del d["snapshots"]
         return d
 
     @classmethod
@@ -107,9 +117,13 @@ def learning_rate(config: TrainConfig, epoch: int, step: int, steps_per_epoch: i
         e = config.epochs
         milestones = [round(0.51 * e), round(0.77 * e)]
         lr *= 0.1 ** sum(epoch >= m for m in milestones if m > 0)
-    if config.schedule == "warmup_step" and epoch == 0:
+    if config.schedule in ("warmup_step", "warmup_cosine") and epoch == 0:
         frac = (step + 1) / steps_per_epoch
         lr = 1e-6 + (config.lr - 1e-6) * frac
+    elif config.schedule == "warmup_cosine":
+        done = (epoch - 1) * steps_per_epoch + step
+        total = max(1, (config.epochs - 1) * steps_per_epoch)
+        lr = 0.5 * config.lr * (1 + math.cos(math.pi * done / total))
     return lr
 
 
@@ -174,13 +188,16 @@ class TrainingDivergedError(RuntimeError):
 
 
 def train(config: TrainConfig, train_data: Any, test_data: Any = None, checkpoint: Path | None = None,
-          device: str | torch.device = "cpu", progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+          device: str | torch.device = "cpu", progress: bool = True,
+          snapshot_dir: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Train one edge model with ``config``; return it (in eval mode) and its history.
 
     After every epoch the model, optimizer and history are written atomically to ``checkpoint``;
     a later call with the same checkpoint resumes from the last finished epoch, so an interruption
     loses at most one epoch. Shuffling and augmentation draw from generators seeded by
     ``(seed, epoch)``, so a resumed run gives the same result as an uninterrupted one.
+    With ``snapshot_dir``, the weights at initialization and after every epoch are written there
+    (:func:`snapshot_path`), and the history records each epoch's ℓ2 distance from initialization.
     """
     device = torch.device(device)
     torch.manual_seed(config.seed)
@@ -205,6 +222,12 @@ def train(config: TrainConfig, train_data: Any, test_data: Any = None, checkpoin
             model = build_model(config.model, **kwargs).to(device)
             opt = make_optimizer(config, model)
             history, start = {"train_loss": [], "train_acc": [], "test_acc": []}, 0
+    if snapshot_dir is not None:
+        snapshot_dir.mkdir(parents=True, exist_ok=True)
+        if start == 0:
+            save_snapshot(model, snapshot_path(snapshot_dir, 0))
+        init = load_file(snapshot_path(snapshot_dir, 0))
+        history.setdefault("distance_from_init", [])
     n = len(train_data)
     steps = max(1, -(-n // config.batch_size))
     bar = tqdm(total=config.epochs, initial=start, disable=not progress, leave=False,
@@ -236,6 +259,9 @@ def train(config: TrainConfig, train_data: Any, test_data: Any = None, checkpoin
         history["train_acc"].append(correct / n)
         if test_data is not None:
             history["test_acc"].append(_accuracy(model, test_data, device))
+        if snapshot_dir is not None:
+            save_snapshot(model, snapshot_path(snapshot_dir, epoch + 1))
+            history["distance_from_init"].append(state_distance(model.state_dict(), init))
         if checkpoint is not None:
             atomic_save({"key": config.key, "epoch": epoch + 1, "model": model.state_dict(),
                          "optimizer": opt.state_dict(), "history": history}, checkpoint)
@@ -245,6 +271,30 @@ def train(config: TrainConfig, train_data: Any, test_data: Any = None, checkpoin
     bar.close()
     model.eval()
     return model, history
+
+
+def snapshot_path(folder: Path, epoch: int) -> Path:
+    """Where the weights after ``epoch`` epochs live (``0``: at initialization)."""
+    return Path(folder) / f"epoch{epoch:04d}.safetensors"
+
+
+def save_snapshot(model: nn.Module, path: Path) -> None:
+    """The model's parameters and buffers, written atomically as safetensors (loading runs no code)."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_save(state, path, saver=lambda obj, p: save_file(obj, p))
+
+
+def state_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The ℓ2 distance between two models' weights: every floating parameter and buffer except norm running
+    statistics and counters (appendix A.4, Figure 9)."""
+    if set(a) != set(b):
+        raise ValueError("state_distance needs two states of one architecture (their keys differ)")
+    total = 0.0
+    for k, v in a.items():
+        if not v.is_floating_point() or k.endswith(("running_mean", "running_var")):
+            continue
+        total += float(((v.detach().cpu().double() - b[k].detach().cpu().double()) ** 2).sum())
+    return math.sqrt(total)
 
 
 #: Paper Table 2 (appendix A.3): the recipe for each model family on its paper-scale dataset.

@@ -35,9 +35,11 @@ from safetensors.torch import load_file, save_file
 
 from .config import default_cache_dir
 from .models import build_model
-from .train import TEMP_SUFFIX, TrainConfig, atomic_save, data_kwargs, hostname, temp_owner, train
+from .train import TEMP_SUFFIX, TrainConfig, atomic_save, data_kwargs, hostname, snapshot_path, temp_owner, train
 
 FORMAT = "vfnb-zoo-1"
+#: The folder (inside an entry) of the per-epoch weights of a ``snapshots=True`` model.
+SNAPSHOTS = "epochs"
 #: The folder (inside the cache) of the lock files, one per entry.
 LOCKS = ".locks"
 #: A temporary file whose writer is unknown (another host, an older vfnb) counts as left over once
@@ -259,7 +261,7 @@ def _train_entry(config: TrainConfig, d: Path, data_root: str | Path | None, dev
         train_data = calibration_subset(train_data, config.n_train, seed=0)
     test_data = load_dataset(config.dataset, "test", root=data_root)
     model, history = train(config, train_data, test_data, checkpoint=d / "resume.pt", device=device,
-                           progress=progress)
+                           progress=progress, snapshot_dir=d / SNAPSHOTS if config.snapshots else None)
     weights = d / "model.safetensors"
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     atomic_save(state, weights, saver=lambda obj, p: save_file(obj, p))
@@ -277,6 +279,25 @@ def _train_entry(config: TrainConfig, d: Path, data_root: str | Path | None, dev
     atomic_save(json.dumps(meta, indent=1), d / "meta.json", saver=lambda s, p: Path(p).write_text(s))
     (d / "resume.pt").unlink(missing_ok=True)
     return model.eval()
+
+
+def snapshots(config: TrainConfig, cache_dir: str | Path | None = None) -> list[dict[str, torch.Tensor]]:
+    """The weights of a ``snapshots=True`` model at initialization and after every epoch (``[0]`` is the
+    initialization), loaded without running code; the model must be in the zoo (:func:`get_or_train`)."""
+    if not config.snapshots:
+        raise ValueError("this configuration keeps no snapshots: train it with snapshots=True "
+                         "(e.g. recipe(..., snapshots=True))")
+    info(config, cache_dir)  # raises if the model is not in the zoo yet
+    folder = entry_dir(config, cache_dir) / SNAPSHOTS
+    out = []
+    for epoch in range(config.epochs + 1):
+        path = snapshot_path(folder, epoch)
+        try:
+            out.append(load_file(path))
+        except Exception as exc:
+            raise CorruptCheckpointError(f"snapshot {path} of {config.model} seed {config.seed} is missing or corrupt "
+                                         f"({exc}); delete {path.parent.parent} to retrain it") from exc
+    return out
 
 
 def info(config: TrainConfig, cache_dir: str | Path | None = None) -> dict[str, Any]:

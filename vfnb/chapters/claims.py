@@ -103,3 +103,15 @@ class Claims:
     def table(self) -> list[dict[str, str]]:
         """The rows: claim, "holds here" (yes / no / within noise), evidence."""
         return list(self.rows)
+
+
+def show(cfg: Any, rows: list[dict[str, str]], results_dir: Any = None):
+    """Display a chapter's claims table and record it (:func:`vfnb.results.record`, result ``"claims"``), so
+    that the conclusion page (paper §6) can gather every chapter's claims. Returns the displayed table."""
+    from ..plots import table
+    from ..results import record
+    for r in rows:
+        if set(r) - {"claim", "holds here", "evidence", "paper"} or not {"claim", "holds here", "evidence"} <= set(r):
+            raise ValueError(f"a claims row has the keys claim, holds here, evidence (and optionally paper); got {sorted(r)}")
+    record(cfg, "claims", rows, results_dir)
+    return table(rows)

@@ -65,6 +65,16 @@ def edge_configs(cfg: Config, model: str | None = None, norm: str | None = None,
     return [recipe(model, cfg.profile, dataset=cfg.dataset, seed=s, **train_kw, **extra) for s in seeds]
 
 
+def linear_mlp_configs(cfg: Config, residual: bool = False) -> list[TrainConfig]:
+    """Linear MLPs (``depth`` × ``width``) with the §4 recipe (paper Table 2), one per seed; ``residual=True``
+    adds a residual connection at every layer whose widths agree (a different zoo entry)."""
+    extra = {"residual": True} if residual else {}  # the plain networks keep their zoo keys
+    return [recipe("mlp", cfg.profile, dataset=cfg.dataset, seed=s, epochs=cfg.epochs, lr=cfg.lr,
+                   weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, n_train=cfg.n_train,
+                   depth=cfg.depth, width=cfg.width, activation="none", **extra)
+            for s in cfg.seeds]
+
+
 def edge_models(cfg: Config, model: str | None = None, norm: str | None = None, seeds: list[int] | None = None,
                 width: float | None = None, progress: bool = True) -> list[nn.Module]:
     """The trained edge models of :func:`edge_configs`, from the zoo (trained once, then cached)."""

@@ -38,6 +38,14 @@ def models_text(chapter: str, profile: str) -> str:
         return "as linear_networks: " + models_text("linear_networks", profile)
     if chapter == "experimental_setup":
         return "every edge model of the book (see the zoo table)"
+    if chapter == "conclusion":
+        return "none: it gathers the other chapters' recorded claims"
+    if chapter == "training_recipe":
+        archs = ", ".join(a.replace("VGG", d["model"]) for a in d["lr_archs"] if a != "ResNet20-LN")
+        if "ResNet20-LN" in d["lr_archs"]:
+            archs += f" (and ResNet20-LN ×{4 * d['model_width']:g})"
+        return (f"{archs}, width ×{d['model_width']}; vgg16-LN, width "
+                f"×{d['rebasin_width']} (Git Re-Basin's recipe, {d['rebasin_epochs']} epochs)")
     parts = []
     if "vit_depth" in d:
         hidden = d["num_heads"] * max(1, round(96 * d["model_width"] / d["num_heads"]))
@@ -204,3 +212,81 @@ def plot_training(axes: Any, cfg: Config) -> None:
         axes[0].set(xlabel="epoch", ylabel="training loss", title="edge models: training loss")
         axes[1].set(xlabel="epoch", ylabel="test accuracy", title="edge models: test accuracy")
         axes[0].legend(fontsize=7, ncol=2)
+
+
+def book_architectures(profile: str) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """Every architecture the book's chapters build at ``profile``: (label, chapters, dataset, ``build_model``
+    arguments without the data's), read from the chapters' parameters."""
+    e = {c: EXPERIMENTS[c][profile] for c in EXPERIMENTS}
+    ln, mv, pre, tr, vt = (e["linear_networks"], e["merging_through_vf"], e["preliminaries"], e["training_recipe"],
+                           e["vision_transformers"])
+    out = [("Linear MLP", "§4, A.1", ln["dataset"], {"name": "mlp", "depth": ln["depth"], "width": ln["width"],
+                                                      "activation": "none"}),
+           ("Residual linear MLP", "§5.2 (Fig. 3D)", mv["mlp_dataset"],
+            {"name": "mlp", "depth": mv["mlp_depth"], "width": mv["mlp_width"], "activation": "none", "residual": True})]
+    ccfg = resolve("preliminaries", profile=profile)
+    for model, norm in BOOK_ARCHITECTURES:
+        label = {"vgg16": "VGG16", "resnet20": "ResNet20"}[model] + ("" if norm == "none" else f"-{norm.upper()}")
+        out.append((label, "§2, §5", pre["dataset"], {"name": model, "norm": norm, "width": width_for(ccfg, model)}))
+    for arch in tr["lr_archs"]:
+        model, norm = {"VGG": (tr["model"], "none"), "VGG-LN": (tr["model"], "ln"), "ResNet20-LN": ("resnet20", "ln")}[arch]
+        width = tr["model_width"] * (4.0 if model == "resnet20" else 1.0)
+        out.append((f"{model.upper() if model != 'resnet20' else 'ResNet20'}{'' if norm == 'none' else '-LN'}",
+                    "A.4", tr["dataset"], {"name": model, "norm": norm, "width": width}))
+    out.append(("VGG16-LN (Git Re-Basin's MNIST recipe)", "A.4", tr["rebasin_dataset"],
+                {"name": "vgg16", "norm": "ln", "width": tr["rebasin_width"], "init": "uniform"}))
+    out.append(("ViT", "A.8.4", vt["dataset"], {"name": "vit", "width": vt["model_width"], "depth": vt["vit_depth"],
+                                                 "num_heads": vt["num_heads"], "patch_size": vt["patch_size"]}))
+    unique: dict[tuple, list] = {}
+    for label, where, dataset, kw in out:  # one row per distinct network; a shared one lists every chapter
+        key = (dataset, tuple(sorted(kw.items())))
+        if key in unique:
+            if where not in unique[key][1]:
+                unique[key][1] += ", " + where
+        else:
+            unique[key] = [label, where, dataset, kw]
+    return [tuple(v) for v in unique.values()]
+
+
+def _built(dataset: str, kw: dict[str, Any]):
+    import torch
+
+    from ..data import dataset_shape
+    channels, side, classes = dataset_shape(dataset)
+    kw = dict(kw)
+    name = kw.pop("name")
+    model = build_model(name, **kw, **data_kwargs(name, channels, side, classes))
+    return model, torch.zeros(1, channels, side, side)
+
+
+def architecture_summary(cfg: Config) -> list[dict[str, Any]]:
+    """Per architecture of :func:`book_architectures` at ``cfg.profile``: input, parameters and
+    multiply–accumulates per image (``vfnb.flops.layer_table``: torch's FLOP counter, no hand counting)."""
+    from ..flops import layer_table
+    check_config(cfg, "experimental_setup")
+    rows = []
+    for label, where, dataset, kw in book_architectures(cfg.profile):
+        model, x = _built(dataset, kw)
+        layers = layer_table(model, x)
+        args = ", ".join(f"{k}={v}" for k, v in kw.items() if k != "name")
+        rows.append({"architecture": label, "chapters": where, "input": "×".join(str(s) for s in x.shape[1:]),
+                     "build_model": f"{kw['name']}({args})", "parameters": sum(r["params"] for r in layers),
+                     "MACs per image": sum(r["MACs"] for r in layers)})
+    return rows
+
+
+def architecture_breakdowns(cfg: Config):
+    """Every architecture's per-layer table (paper Tables 12–16): shapes, parameters and multiply–accumulates of
+    each layer, one collapsible section per architecture."""
+    from ..flops import layer_table
+    from ..plots import collapsible, html_table
+    check_config(cfg, "experimental_setup")
+    sections = []
+    for label, where, dataset, kw in book_architectures(cfg.profile):
+        model, x = _built(dataset, kw)
+        rows = layer_table(model, x)
+        total = {"layer": "total", "type": "", "input": "", "output": "", "params": sum(r["params"] for r in rows),
+                 "MACs": sum(r["MACs"] for r in rows)}
+        sections.append((f"{label} ({where}): {total['params']:,} parameters, {total['MACs']:,} MACs",
+                         html_table(rows + [total])))
+    return collapsible(sections)

@@ -12,18 +12,15 @@ from ..config import Config
 from ..diagnose import FeatureBias, feature_bias, rescaled_features, weight_scale
 from ..evaluate import barrier, evaluate
 from ..merge import interpolate
-from ..train import TrainConfig, recipe
+from ..train import TrainConfig
 from ..zoo import get_or_train, info, resolve_device
 from .claims import Claims, all_of
-from .common import check_config, test_data
+from .common import check_config, linear_mlp_configs, test_data
 
 
 def edge_configs(cfg: Config) -> list[TrainConfig]:
     """The training configuration of each edge model: a linear MLP per seed (paper Table 2)."""
-    return [recipe("mlp", cfg.profile, dataset=cfg.dataset, seed=s, epochs=cfg.epochs, lr=cfg.lr,
-                   weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, n_train=cfg.n_train,
-                   depth=cfg.depth, width=cfg.width, activation="none")
-            for s in cfg.seeds]
+    return linear_mlp_configs(cfg)
 
 
 @dataclass

@@ -15,9 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config
-from ..diagnose import VFCurve
+from ..diagnose import VFCurve, feature_bias, scale_parameters, weight_norms
 from .claims import Claims, all_of
-from .common import VF_THRESHOLD, Merged, check_config, load_edges, match_data, merge_pair, test_data
+from .common import ALIGNMENT_NAMES, VF_THRESHOLD, Merged, check_config, load_edges, match_data, merge_pair, test_data
 
 #: The architectures of Fig. 3B (labels of :data:`vfnb.chapters.common.ARCHS`).
 FIG3B = ("VGG16", "VGG16-BN", "ResNet20", "ResNet20-LN")
@@ -30,6 +30,7 @@ class VanishingResult:
     cfg: Config
     merged: dict[str, Merged]
     n_test: int = 0  # test images behind every accuracy
+    degradation: "Degradation | None" = None  # appendix A.5.2 on VGG16
 
     @property
     def curves(self) -> dict[str, VFCurve]:
@@ -48,7 +49,9 @@ def run(cfg: Config, progress: bool = True) -> VanishingResult:
     for label in tqdm(FIG3B, desc="architectures", disable=not progress, leave=False):
         merged[label] = merge_pair(cfg, load_edges(cfg, label, test, progress), test, mdata,
                                    with_logits=label.startswith("ResNet"))
-    return VanishingResult(cfg, merged, n_test=len(test))
+    res = VanishingResult(cfg, merged, n_test=len(test))
+    res.degradation = magnitude_degradation(res)
+    return res
 
 
 def logit_table(res: VanishingResult) -> list[dict[str, Any]]:
@@ -75,6 +78,95 @@ def definition_table(res: VanishingResult) -> list[dict[str, Any]]:
                      f"ε_L < {VF_THRESHOLD} (VF)": "yes" if c.vanishes(VF_THRESHOLD) else "no",
                      "edge accuracy": float(np.mean(m.edge_accuracy)), "merged accuracy": m.accuracy})
     return rows
+
+
+#: Appendix A.5.2: the degradation factors λ of the weights (biases keep μ = 1), applied to VGG16's edge model 0.
+MAGNITUDE_LAMBDAS = (0.95, 0.9, 0.8)
+
+
+@dataclass
+class Degradation:
+    """Appendix A.5.2 on one edge model: per layer, E‖g‖ and ‖h‖ after scaling every weight by λ (biases by μ),
+    over the unscaled model's, for each λ; and the weights' norms of the pair and of their midpoints."""
+
+    label: str
+    lambdas: tuple[float, ...]
+    mu: float
+    g_ratio: np.ndarray  # [λ, layer]
+    h_ratio: np.ndarray  # [λ, layer]
+    norms: dict[str, dict]  # "direct" / alignment -> vfnb.diagnose.weight_norms
+
+
+def magnitude_degradation(res: VanishingResult, label: str = "VGG16", lambdas: tuple[float, ...] = MAGNITUDE_LAMBDAS,
+                          mu: float = 1.0) -> Degradation:
+    """Appendix A.5.2, measured: scale edge model 0 of ``label`` (λ on every weight, μ on every bias) and compare
+    its feature and offset with the unscaled model's at every conv/linear output; and the triangle-inequality bound
+    on the merged weights' norm, for the direct and the aligned midpoint."""
+    m = res.merged[label]
+    test = test_data(res.cfg)
+    base = feature_bias(m.edges[0], test)
+    g, h = [], []
+    for lam in lambdas:
+        fb = feature_bias(scale_parameters(m.edges[0], lam, mu), test, names=base.names)
+        g.append(fb.g_mean / base.g_mean)
+        h.append(fb.h_norm / np.maximum(base.h_norm, 1e-30))
+    norms = {"direct": weight_norms(m.edges[0], m.edges[1], res.cfg.alpha)}
+    if m.alignment != "direct":
+        norms[ALIGNMENT_NAMES[m.alignment]] = weight_norms(m.edges[0], m.partner, res.cfg.alpha)
+    return Degradation(label, tuple(lambdas), mu, np.array(g), np.array(h), norms)
+
+
+def degradation_table(d: Degradation) -> list[dict[str, Any]]:
+    """Per layer l: E‖g‖ ratio against λˡ (the linear-network prediction) and the ‖h‖ ratio, per λ."""
+    rows = []
+    for l in range(d.g_ratio.shape[1]):
+        row: dict[str, Any] = {"layer l": l + 1}
+        for i, lam in enumerate(d.lambdas):
+            row[f"g ratio, λ={lam:g}"] = float(d.g_ratio[i, l])
+            row[f"λ^l, λ={lam:g}"] = float(lam ** (l + 1))
+            row[f"h ratio, λ={lam:g}"] = float(d.h_ratio[i, l])
+        rows.append(row)
+    return rows
+
+
+def norm_table(d: Degradation) -> list[dict[str, Any]]:
+    """Per layer: ‖W₀‖, ‖W₁‖ and each midpoint's ‖W_α‖ over the triangle bound (1−α)‖W₀‖ + α‖W₁‖."""
+    first = next(iter(d.norms.values()))
+    rows = []
+    for i, name in enumerate(first["names"]):
+        row: dict[str, Any] = {"layer": name, "‖W₀‖": float(first["a"][i]), "‖W₁‖": float(first["b"][i])}
+        for who, n in d.norms.items():
+            row[f"‖W_α‖ / bound, {who}"] = float(n["merged"][i] / n["triangle"][i])
+        rows.append(row)
+    return rows
+
+
+def plot_degradation(axes, d: Degradation) -> None:
+    """Left: E‖g⁽ˡ⁾‖ (solid) and ‖h⁽ˡ⁾‖ (dashed) of the scaled edge model over the unscaled one, with λˡ dotted.
+    Right: ‖W_α‖ over its triangle-inequality bound per layer, direct and aligned, with 1/√2 (independent
+    Gaussian weights) marked."""
+    colors = ["#2980b9", "#8e44ad", "#c0392b", "#e67e22"]
+    layers = np.arange(1, d.g_ratio.shape[1] + 1)
+    ax = axes[0]
+    for i, lam in enumerate(d.lambdas):
+        c = colors[i % len(colors)]
+        ax.semilogy(layers, d.g_ratio[i], marker="o", color=c, label=f"E‖g‖, λ = {lam:g}")
+        ax.semilogy(layers, d.h_ratio[i], marker="x", ls="--", color=c, label=f"‖h‖, λ = {lam:g}")
+        ax.semilogy(layers, lam ** layers, ls=":", color=c, lw=1)
+    ax.set_xlabel("layer l")
+    ax.set_ylabel("scaled / original")
+    ax.set_title(f"{d.label} edge 0, weights × λ (dotted: λˡ)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax = axes[1]
+    for (who, n), c in zip(d.norms.items(), ("#7f8c8d", "#c0392b")):
+        ax.plot(np.arange(1, len(n["names"]) + 1), n["merged"] / n["triangle"], marker="o", color=c, label=who)
+    ax.axhline(1.0, color="k", lw=0.8, label="triangle bound")
+    ax.axhline(2 ** -0.5, color="k", lw=0.8, ls=":", label="1/√2 (independent)")
+    ax.set_ylim(0, 1.1)
+    ax.set_xlabel("conv/linear layer")
+    ax.set_ylabel("‖W_α‖ / ((1−α)‖W₀‖ + α‖W₁‖)")
+    ax.set_title("Merged weights' norm against the bound")
+    ax.legend(loc="lower left")
 
 
 def claims(res: VanishingResult) -> list[dict[str, str]]:
@@ -108,4 +200,18 @@ def claims(res: VanishingResult) -> list[dict[str, str]]:
         a, b = m["ResNet20"].eps_last, m["ResNet20-LN"].eps_last
         c.add("The vanishing feature is milder in ResNet20-LN than in ResNet20 (BatchNorm, no RESET)",
               b > a, f"ε_L: ResNet20-LN {b:.3g}, ResNet20 {a:.3g}")
+    d = res.degradation
+    if d is not None:
+        lam, last = d.lambdas[-1], d.g_ratio.shape[1]
+        g, h = float(d.g_ratio[-1, -1]), float(d.h_ratio[-1, -1])
+        c.add(f"A.5.2: scaling the weights by λ < 1 shrinks the feature g geometrically with depth, the offset h "
+              f"less (λ = {lam:g})", bool(g < h and g < lam ** (last / 2)),
+              f"at layer {last}: E‖g‖ × {g:.3g}, ‖h‖ × {h:.3g}; λ^L = {lam ** last:.3g}")
+        direct = d.norms["direct"]
+        ratio = direct["merged"] / direct["triangle"]
+        c.add("A.5.2: the merged weights' norm stays below the average of the edges' (triangle inequality), near "
+              "1/√2 without alignment", bool(np.all(ratio <= 1 + 1e-9)),
+              f"‖W_α‖ / bound over the layers, direct: {ratio.min():.2f}–{ratio.max():.2f}"
+              + "".join(f"; {who}: {(n['merged'] / n['triangle']).min():.2f}–{(n['merged'] / n['triangle']).max():.2f}"
+                        for who, n in d.norms.items() if who != "direct"))
     return c.table()

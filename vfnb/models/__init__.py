@@ -37,8 +37,9 @@ def build_model(name: str, **kw: Any) -> nn.Module:
     """Build an architecture by name.
 
     - ``"mlp"``: ``in_features, num_classes, depth, width, activation ('none'|'relu'), residual, bias``
-    - ``"vgg11|13|16|19"``: ``in_channels, num_classes, norm ('none'|'bn'|'ln'), width, input_size``
-    - ``"resnet20"``: ``in_channels, num_classes, norm ('bn'|'ln'), width, input_size``
+    - ``"vgg11|13|16|19"``: ``in_channels, num_classes, norm ('none'|'bn'|'ln'), width, input_size, init``
+    - ``"resnet20"``: ``in_channels, num_classes, norm ('bn'|'ln'), width, input_size, init``
+      (``init``: 'kaiming_normal' or 'uniform', appendix A.4; VGG defaults to the first, ResNet20 to the second)
     - ``"vit"``: ``in_channels, num_classes, width, input_size, depth, num_heads, patch_size``
       (torchvision's ``VisionTransformer``; width 1: hidden size 96, 6 blocks, 4×4 patches)
     - ``"convnext"``: ``in_channels, num_classes, width, input_size, layer_scale``

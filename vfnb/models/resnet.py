@@ -5,6 +5,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .init import check_init
 from .norm import make_norm
 
 
@@ -31,11 +32,13 @@ class ResNet20(nn.Module):
     """ResNet20: a stem conv, three stages of three blocks (16w, 32w, 64w channels), a linear head.
 
     Twenty conv/linear layers, not counting the shortcut convs. MNIST inputs are padded to 32×32.
+    ``init``: ``"uniform"`` (PyTorch's default Kaiming-uniform; the default) or ``"kaiming_normal"``.
     """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, norm: str = "bn", width: float = 1.0,
-                 input_size: int = 32) -> None:
+                 input_size: int = 32, init: str = "uniform") -> None:
         super().__init__()
+        check_init(init)
         if norm not in ("bn", "ln"):
             raise ValueError(f"resnet20 norm must be 'bn' or 'ln', got {norm!r}")
         if width <= 0:
@@ -54,6 +57,10 @@ class ResNet20(nn.Module):
         self.layer2 = nn.Sequential(*blocks[3:6])
         self.layer3 = nn.Sequential(*blocks[6:9])
         self.linear = nn.Linear(cin, num_classes)
+        if init == "kaiming_normal":  # appendix A.4, Figure 9; the default keeps PyTorch's Kaiming-uniform
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad:

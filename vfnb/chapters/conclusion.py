@@ -1,0 +1,93 @@
+"""Paper §6: the conclusion. Every chapter's claims table in one, gathered from the results the chapters recorded
+(:mod:`vfnb.results`) when they ran at this profile; nothing here is typed by hand."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any, Mapping
+
+import nbformat
+
+from ..config import EXPERIMENTS, Config
+from ..results import load, results_root
+from .common import check_config
+
+#: A claim's verdict as the conclusion reads it.
+VERDICTS = {"yes": "holds", "no": "does not hold", "within noise": "not shown at this scale"}
+
+
+def chapter_titles(pages: Mapping[str, Path]) -> dict[str, tuple[str, str]]:
+    """Chapter id -> (its title, the file name of its page), from ``pages`` (chapter id -> notebook path, e.g.
+    ``{vfnb.book.chapter_id(p): p for p in vfnb.book.chapters()}``)."""
+    out = {}
+    for cid, path in pages.items():
+        path = Path(path)
+        nb = nbformat.read(path, as_version=4)
+        title = next((line.lstrip("# ").strip() for c in nb.cells if c.cell_type == "markdown"
+                      for line in c.source.splitlines() if line.startswith("# ")), path.stem)
+        out[cid] = (title, path.stem + ".html")
+    return out
+
+
+def gather(cfg: Config, pages: Mapping[str, Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every recorded claim of every chapter of ``pages`` (chapter id -> notebook) at ``cfg.profile``, in reading
+    order, and one provenance row per chapter: recorded or not, when, with which vfnb. Chapters without a claims
+    table (1, 3) are left out."""
+    check_config(cfg, "conclusion")
+    titles = chapter_titles(pages)
+    rows, runs = [], []
+    for cid in EXPERIMENTS:
+        if cid == "conclusion" or cid not in titles:
+            continue
+        title, page = titles[cid]
+        data = load(cid, cfg.profile, cfg.results_dir)
+        claims = (data or {}).get("results", {}).get("claims")
+        if claims is None:
+            if cid in CLAIMLESS:
+                continue
+            runs.append({"chapter": title, "recorded": "not run at this profile", "vfnb": "",
+                         "command": f"python -m vfnb run {Path(page).stem} --profile {cfg.profile}"})
+            continue
+        runs.append({"chapter": title, "recorded": data.get("written", "?"), "vfnb": data.get("vfnb", "?"),
+                     "command": f"python -m vfnb run {Path(page).stem} --profile {cfg.profile}"})
+        for c in claims:
+            rows.append({"chapter": title, "page": page, "claim": c["claim"], "paper": c.get("paper", ""),
+                         "this run": c["evidence"], "verdict": VERDICTS.get(c["holds here"], c["holds here"])})
+    return rows, runs
+
+
+#: Chapters without a claims table (they restate the paper's setup or introduce it).
+CLAIMLESS = frozenset({"introduction", "experimental_setup"})
+
+
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """How many claims hold, do not hold, or are not shown at this scale, per chapter and in all."""
+    out = []
+    for title in dict.fromkeys(r["chapter"] for r in rows):
+        own = [r for r in rows if r["chapter"] == title]
+        out.append({"chapter": title, **{v: sum(r["verdict"] == v for r in own) for v in VERDICTS.values()}})
+    if out:
+        out.append({"chapter": "all chapters", **{v: sum(r[v] for r in out) for v in VERDICTS.values()}})
+    return out
+
+
+def claims_html(rows: list[dict[str, Any]]):
+    """The gathered claims as one HTML table (chapter links to its page; long text wraps), for the book."""
+    from IPython.display import HTML
+    if not rows:
+        return HTML("<p><em>No chapter has recorded claims at this profile yet.</em></p>")
+    colors = {"holds": "#1e8449", "does not hold": "#c0392b", "not shown at this scale": "#7f8c8d"}
+    head = "".join(f"<th>{h}</th>" for h in ("chapter", "claim", "paper", "this run", "verdict"))
+    body = []
+    for r in rows:
+        link = f'<a href="{html.escape(r["page"])}">{html.escape(r["chapter"])}</a>'
+        verdict = f'<span style="color:{colors.get(r["verdict"], "inherit")}">{html.escape(r["verdict"])}</span>'
+        cells = [link, html.escape(r["claim"]), html.escape(r["paper"]) or "—", html.escape(r["this run"]), verdict]
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return HTML('<div class="vfnb-table" style="overflow-x:auto"><table class="table">'
+                f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
+
+
+def where(cfg: Config) -> Path:
+    """The folder the results are read from (for the page's provenance line)."""
+    return results_root(cfg.results_dir) / cfg.profile
