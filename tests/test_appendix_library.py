@@ -158,3 +158,36 @@ def test_conclusion_gathers_recorded_claims_in_reading_order(tmp_path):
     with pytest.raises(ValueError, match="claims row"):
         claims.show(vfnb.resolve("pruning", profile="smoke"), [{"claim": "x"}], tmp_path)
     assert json.loads((tmp_path / "smoke" / "pruning.json").read_text())["results"]["claims"] == rows
+
+
+@pytest.mark.parametrize("profile", ["cpu", "paper"])
+def test_every_a85_parameter_set_is_a_valid_run_of_chapter_5_4(profile):
+    from vfnb.chapters import preserve_first_merging as pfm
+    for table, (_, params, _) in pfm.PARAMETER_SETS.items():
+        cfg = vfnb.resolve("preserve_first_merging", profile=profile, **params)
+        assert all(cfg[k] == v for k, v in params.items()), table
+    rows = pfm.parameter_sets_table(profile)
+    assert [r["paper"] for r in rows] == list(pfm.PARAMETER_SETS)
+    assert all(r["command"].startswith(f"python -m vfnb run 05_4 --profile {profile}") for r in rows)
+
+
+def test_a4_pairs_share_the_zoo_across_its_sweeps():
+    from vfnb.chapters import training_recipe as tr
+    cfg = vfnb.resolve("training_recipe", profile="cpu")
+    assert tr.seed_pairs(cfg) == [(0, 1), (2, 3), (4, 5)]
+    lr_sweep = tr.pair_configs(cfg, "VGG-LN", (0, 1), lr=0.01)
+    init_kn = tr.pair_configs(cfg, "VGG-LN", (0, 1), lr=0.01, init="kaiming_normal")  # VGG's default init
+    init_un = tr.pair_configs(cfg, "VGG-LN", (0, 1), lr=0.01, init="uniform")
+    assert [c.key for c in lr_sweep] == [c.key for c in init_kn]
+    assert init_un[0].model_kwargs["init"] == "uniform" and init_un[0].key != lr_sweep[0].key
+    wd = tr.pair_configs(cfg, "VGG", (0, 1), weight_decay=cfg.weight_decay)
+    lr = tr.pair_configs(cfg, "VGG", (0, 1), lr=cfg.lr)
+    assert [c.key for c in wd] == [c.key for c in lr]  # the two sweeps meet at the chapter's recipe
+    assert all(c.snapshots and c.model == "vgg11" and c.model_kwargs["width"] == 0.125 for c in wd)
+    rebasin = tr.pair_configs(cfg.replace(model_width=cfg.rebasin_width), "vgg16", (0, 1),
+                              **{k: v for k, v in tr.REBASIN.items() if k != "model"}, lr=0.001)
+    c = rebasin[0]
+    assert (c.schedule, c.batch_size, c.weight_decay, c.grad_clip, c.model_kwargs["init"], c.model_kwargs["norm"]) == \
+        ("warmup_cosine", 100, 5e-4, None, "uniform", "ln")
+    resnet = tr.pair_configs(cfg, "ResNet20-LN", (0, 1))
+    assert resnet[0].model == "resnet20" and resnet[0].schedule == "warmup_step" and resnet[0].model_kwargs["width"] == 0.5

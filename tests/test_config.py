@@ -80,7 +80,7 @@ def test_chapter_config_names_a_missing_parameter_and_the_fix():
 def test_config_replace_revalidates():
     cfg = resolve("enhanced_normalization", "smoke")
     new = cfg.replace(weight_decay=1e-4)
-    assert new.weight_decay == 1e-4 and cfg.weight_decay == 5e-3 and new.experiment == cfg.experiment
+    assert new.weight_decay == 1e-4 and cfg.weight_decay == 1e-2 and new.experiment == cfg.experiment
     assert {k: v for k, v in new.items() if k != "weight_decay"} == {k: v for k, v in cfg.items() if k != "weight_decay"}
     assert cfg.replace(lr=1).lr == 1.0 and isinstance(cfg.replace(lr=1).lr, float)  # coerced like resolve
     assert cfg.replace() == cfg

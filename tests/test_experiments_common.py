@@ -15,10 +15,11 @@ def test_edge_configs_follow_the_profile_recipe():
     assert [c.seed for c in configs] == cfg.seeds
     for c in configs:
         assert c == recipe("vgg16", "cpu", seed=c.seed, norm="none", width=0.25)
-        assert (c.epochs, c.lr, c.weight_decay, c.grad_clip) == (15, 0.05, 5e-3, 1.0)
+        assert (c.epochs, c.lr, c.weight_decay, c.grad_clip) == (15, 0.1, 1e-2, 1.0)  # appendix A.4
     bn = common.edge_configs(cfg, model="resnet20", norm="ln", seeds=[3], width=common.width_for(cfg, "resnet20"))
     assert bn[0].model_kwargs == {"norm": "ln", "width": 1.0} and bn[0].seed == 3
     assert bn[0].schedule == "warmup_step"  # LayerNorm ResNets warm up (appendix A.3)
+    assert (bn[0].lr, bn[0].batch_size, bn[0].weight_decay) == (0.05, 64, 5e-4)  # train.RESNET_LN_CNN
 
 
 def test_every_book_architecture_has_distinct_zoo_keys():

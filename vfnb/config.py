@@ -122,6 +122,9 @@ PARAMS.update({
     "calib_sizes": Param(_distinct(_int(2)), "a list of distinct integers >= 2",
                          "calibration sizes of appendix A.7 (the whole n_match pool is added)", is_list=True),
     "n_diag": Param(_int(2), "an integer >= 2", "test images for the logit and vanishing-feature diagnostics"),
+    "convnext_width": Param(_float(0.0, 8.0, lo_open=True), "a float in (0, 8]",
+                            "width multiplier of the ConvNeXt of appendix A.7 (Wanda on its linear layers)"),
+    "convnext_epochs": Param(_int(1, 1000), "an integer in [1, 1000]", "training epochs of the ConvNeXt of appendix A.7"),
 })
 
 # --- §5.1 / §5.2 vanishing feature (vfnb.chapters.vanishing_feature, vfnb.chapters.merging_through_vf) -----
@@ -234,12 +237,12 @@ EXPERIMENTS["closed_forms"] = {
 # Consecutive seeds form the pairs; the first pair serves every sweep, all pairs the REPAIR/RESCALE comparison.
 EXPERIMENTS["training_recipe"] = {
     "smoke": {**_DATA, "n_train": 512, "n_test": 256, "seeds": [0, 1, 2, 3], "model": "vgg11", "model_width": 0.0625,
-              "epochs": 1, "lr": 0.05, "weight_decay": 5e-3, "batch_size": 128, "lrs": [0.01, 0.1],
-              "weight_decays": [1e-4, 5e-3], "lr_archs": ["VGG"], "n_alphas": 3, "n_match": 128,
+              "epochs": 1, "lr": 0.1, "weight_decay": 1e-2, "batch_size": 128, "lrs": [0.01, 0.1],
+              "weight_decays": [1e-4, 1e-2], "lr_archs": ["VGG"], "n_alphas": 3, "n_match": 128,
               "rebasin_lrs": [0.001, 0.1], "rebasin_epochs": 1, "rebasin_width": 0.0625, "rebasin_dataset": "mnist5k"},
     "cpu": {**_DATA, "n_train": None, "n_test": None, "seeds": [0, 1, 2, 3, 4, 5], "model": "vgg11",
-            "model_width": 0.125, "epochs": 15, "lr": 0.05, "weight_decay": 5e-3, "batch_size": 128,
-            "lrs": [0.01, 0.05, 0.1], "weight_decays": [1e-4, 5e-4, 1e-3, 5e-3], "lr_archs": ["VGG", "VGG-LN"],
+            "model_width": 0.125, "epochs": 15, "lr": 0.1, "weight_decay": 1e-2, "batch_size": 128,
+            "lrs": [0.01, 0.05, 0.1], "weight_decays": [1e-4, 5e-4, 5e-3, 1e-2], "lr_archs": ["VGG", "VGG-LN"],
             "n_alphas": 11, "n_match": 1000, "rebasin_lrs": [0.001, 0.01, 0.1], "rebasin_epochs": 10,
             "rebasin_width": 0.125, "rebasin_dataset": "mnist5k"},
     "paper": {**_DATA, "dataset": "cifar10", "n_train": None, "n_test": None, "seeds": [0, 1, 2, 3, 4, 5],
@@ -253,13 +256,13 @@ EXPERIMENTS["conclusion"] = {p: {"results_dir": None} for p in PROFILES}
 # Paper §1: the linear networks of §4 in one figure; only where things live can be chosen.
 EXPERIMENTS["introduction"] = {p: {"data_root": None} for p in PROFILES}
 # Paper §2: direct, weight-matching and activation-matching merging of two VGG16 edge models.
-# The cpu sizes follow vfnb.train.PROFILE_CNN (width 0.25, 15 epochs, lr 0.05, weight decay 5e-3).
+# The cpu sizes follow vfnb.train.PROFILE_CNN (width 0.25, 15 epochs, lr 0.1, weight decay 1e-2, clip 1).
 EXPERIMENTS["preliminaries"] = {
     "smoke": {**_DATA, "n_train": 512, "n_test": 256, "seeds": [0, 1], "model": "vgg16", "model_width": 0.0625,
-              "norm": "none", "epochs": 1, "lr": 0.05, "weight_decay": 5e-3, "batch_size": 128,
+              "norm": "none", "epochs": 1, "lr": 0.1, "weight_decay": 1e-2, "batch_size": 128,
               "alpha": 0.5, "n_alphas": 5, "n_match": 256},
     "cpu": {**_DATA, "n_train": None, "n_test": None, "seeds": [0, 1], "model": "vgg16", "model_width": 0.25,
-            "norm": "none", "epochs": 15, "lr": 0.05, "weight_decay": 5e-3, "batch_size": 128,
+            "norm": "none", "epochs": 15, "lr": 0.1, "weight_decay": 1e-2, "batch_size": 128,
             "alpha": 0.5, "n_alphas": 11, "n_match": 1000},
     "paper": {**_DATA, "dataset": "cifar10", "n_train": None, "n_test": None, "seeds": [0, 1],
               "model": "vgg16", "model_width": 1.0, "norm": "none", "epochs": 160, "lr": 0.1,
@@ -273,20 +276,21 @@ EXPERIMENTS["experimental_setup"] = {p: {"data_root": None} for p in PROFILES}
 _PRUNE_SIZES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
 EXPERIMENTS["pruning"] = {
     "smoke": {**_DATA, "n_train": 512, "n_test": 256, "seed": 0, "model": "vgg16", "model_width": 0.0625,
-              "epochs": 1, "lr": 0.05, "weight_decay": 5e-3, "batch_size": 128, "n_match": 256, "n_calib": 64,
+              "epochs": 1, "lr": 0.1, "weight_decay": 1e-2, "batch_size": 128, "n_match": 256, "n_calib": 64,
               "calib_sizes": [32], "sparsity": 0.9, "sparsities": [0.5, 0.9], "pruners": list(PRUNER_NAMES),
-              "n_diag": 32},
+              "n_diag": 32, "convnext_width": 0.25, "convnext_epochs": 1},
     # n_match 4000 = the whole mnist5k training split: appendix A.7's "full" calibration set. Every one of
     # the 2 × 4 × 11 pruned models is evaluated twice (before/after the fix), so a stratified half of the
     # test split (500 images) keeps the run to a few minutes on 2 cores.
     "cpu": {**_DATA, "n_train": None, "n_test": 500, "seed": 0, "model": "vgg16", "model_width": 0.25,
-            "epochs": 15, "lr": 0.05, "weight_decay": 5e-3, "batch_size": 128, "n_match": 4000, "n_calib": 256,
+            "epochs": 15, "lr": 0.1, "weight_decay": 1e-2, "batch_size": 128, "n_match": 4000, "n_calib": 256,
             "calib_sizes": [64, 128, 256], "sparsity": 0.8, "sparsities": _PRUNE_SIZES,
-            "pruners": list(PRUNER_NAMES), "n_diag": 128},
+            "pruners": list(PRUNER_NAMES), "n_diag": 128, "convnext_width": 0.5, "convnext_epochs": 10},
     "paper": {**_DATA, "dataset": "cifar10", "n_train": None, "n_test": None, "seed": 0, "model": "vgg16",
               "model_width": 1.0, "epochs": 160, "lr": 0.1, "weight_decay": 1e-4, "batch_size": 128,
               "n_match": 50000, "n_calib": 256, "calib_sizes": [64, 128, 256], "sparsity": 0.8,
-              "sparsities": _PRUNE_SIZES, "pruners": list(PRUNER_NAMES), "n_diag": 1000},
+              "sparsities": _PRUNE_SIZES, "pruners": list(PRUNER_NAMES), "n_diag": 1000, "convnext_width": 1.0,
+              "convnext_epochs": 160},
 }
 
 # VGG16 none/bn/ln at model_width and ResNet20 bn/ln at resnet_width, with the "preliminaries" CNN recipe, so
@@ -294,10 +298,10 @@ EXPERIMENTS["pruning"] = {
 _VF_CNN = {
     # smoke: the shared smoke edge models; 128 test / calibration images keep the ten models' diagnostics fast
     "smoke": {**_DATA, "n_train": 512, "n_test": 128, "seeds": [0, 1], "model_width": 0.0625, "resnet_width": 0.25,
-              "epochs": 1, "lr": 0.05, "weight_decay": 5e-3, "batch_size": 128, "alpha": 0.5, "n_match": 128,
+              "epochs": 1, "lr": 0.1, "weight_decay": 1e-2, "batch_size": 128, "alpha": 0.5, "n_match": 128,
               "alignment": "wm"},
     "cpu": {**_DATA, "n_train": None, "n_test": None, "seeds": [0, 1], "model_width": 0.25, "resnet_width": 1.0,
-            "epochs": 15, "lr": 0.05, "weight_decay": 5e-3, "batch_size": 128, "alpha": 0.5, "n_match": 1000,
+            "epochs": 15, "lr": 0.1, "weight_decay": 1e-2, "batch_size": 128, "alpha": 0.5, "n_match": 1000,
             "alignment": "wm"},
     "paper": {**_DATA, "dataset": "cifar10", "n_train": None, "n_test": None, "seeds": [0, 1], "model_width": 1.0,
               "resnet_width": 1.0, "epochs": 160, "lr": 0.1, "weight_decay": 1e-4, "batch_size": 128, "alpha": 0.5,

@@ -301,7 +301,7 @@ def table(rows: Sequence[dict], floatfmt: str = "{:.4g}"):
     from IPython.display import Markdown
     if not rows:
         return Markdown("*(empty)*")
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(k for r in rows for k in r))  # every key, in order of first appearance
     def fmt(v) -> str:
         text = floatfmt.format(v) if isinstance(v, float) else str(v)
         return text.replace("|", "\\|")  # a bare | would end the cell

@@ -78,10 +78,14 @@ class Claims:
             raise ValueError("comparing accuracies needs the number of test images: pass n=..., or Claims(n=...)")
         return n
 
-    def add(self, claim: str, holds: Verdict, evidence: str) -> Verdict:
-        """Append a row; ``holds`` is ``True``, ``False`` or ``"tie"``. Returns the verdict."""
+    def add(self, claim: str, holds: Verdict, evidence: str, paper: str | None = None) -> Verdict:
+        """Append a row; ``holds`` is ``True``, ``False`` or ``"tie"``; ``paper`` is the paper's own figure for the
+        claim, where it gives one (shown beside this run's evidence). Returns the verdict."""
         v = _check(holds)
-        self.rows.append({"claim": claim, "holds here": LABELS[v], "evidence": evidence})
+        row = {"claim": claim, "holds here": LABELS[v], "evidence": evidence}
+        if paper:
+            row["paper"] = paper
+        self.rows.append(row)
         return v
 
     def margin(self, a: float, b: float, n: int | None = None) -> float:

@@ -163,7 +163,7 @@ def plot_identity_path(axes, res: ClosedFormsResult) -> None:
     ax.axhline(1.0, color="k", lw=0.8, ls=":")
     ax.set_xlabel("layer l")
     ax.set_ylabel("E‖g_α‖ / E‖g_edges‖")
-    ax.set_title(f"Merged feature, α = {res.cfg.alpha:g}")
+    ax.set_title(f"Merged over edges (α = {res.cfg.alpha:g})")
     ax.legend(loc="lower left")
     ax = axes[1]
     o = res.orders
@@ -177,7 +177,7 @@ def plot_identity_path(axes, res: ClosedFormsResult) -> None:
     ax.axhline(1.0, color="k", lw=0.8, ls=":")
     ax.set_xlabel("layer l")
     ax.set_ylabel("E‖e_k(W…) f⁽¹⁾(x)‖ / E‖g_edges‖")
-    ax.set_title("Merged residual network, Eq. 5.2 by order")
+    ax.set_title("Residual network by order k")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 

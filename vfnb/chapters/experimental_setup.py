@@ -16,6 +16,7 @@ from ..models import build_model
 from ..train import PAPER_RECIPES, PROFILE_CNN, RESNET_LN_CNN, TRANSFORMER_RECIPES, data_kwargs, recipe
 from ..zoo import get_or_train, info, resolve_device
 from . import linear_networks, merging_through_vf, pruning, vanishing_feature
+from .pruning import CONVNEXT_LAYER_SCALE
 from .common import BOOK_ARCHITECTURES, check_config, width_for
 from .common import edge_configs as common_edge_configs
 
@@ -69,6 +70,8 @@ def models_text(chapter: str, profile: str) -> str:
         parts.append(f"ResNet20 (norm bn), width ×{d['resnet_width']}")
     if "mlp_depth" in d:
         parts.append(f"linear mlp (plain and residual), depth {d['mlp_depth']}, width {d['mlp_width']}")
+    if "convnext_width" in d:
+        parts.append(f"ConvNeXt, width ×{d['convnext_width']} ({d['convnext_epochs']} epochs)")
     if not parts:
         raise ValueError(f"no description of chapter {chapter!r}'s models; extend vfnb.chapters.experimental_setup."
                          "models_text")
@@ -235,6 +238,9 @@ def book_architectures(profile: str) -> list[tuple[str, str, str, dict[str, Any]
                     "A.4", tr["dataset"], {"name": model, "norm": norm, "width": width}))
     out.append(("VGG16-LN (Git Re-Basin's MNIST recipe)", "A.4", tr["rebasin_dataset"],
                 {"name": "vgg16", "norm": "ln", "width": tr["rebasin_width"], "init": "uniform"}))
+    pr = e["pruning"]
+    out.append(("ConvNeXt", "A.7", pr["dataset"], {"name": "convnext", "width": pr["convnext_width"],
+                                                          "layer_scale": CONVNEXT_LAYER_SCALE}))
     out.append(("ViT", "A.8.4", vt["dataset"], {"name": "vit", "width": vt["model_width"], "depth": vt["vit_depth"],
                                                  "num_heads": vt["num_heads"], "patch_size": vt["patch_size"]}))
     unique: dict[tuple, list] = {}

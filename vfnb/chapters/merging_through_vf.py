@@ -222,7 +222,8 @@ def claims(res: MergingVFResult) -> list[dict[str, str]]:
     c.add("RESCALE beats REPAIR at the midpoint (paper, CIFAR-10 VGG16)",
           all_of(*(c.greater(nz[f"{al} + RESCALE"][0], nz[f"{al} + REPAIR"][0]) for al in ("WM", "AM"))),
           "; ".join(f"{al}: RESCALE {nz[f'{al} + RESCALE'][0]:.3f}, REPAIR {nz[f'{al} + REPAIR'][0]:.3f} "
-                    f"(±{c.margin(nz[f'{al} + RESCALE'][0], nz[f'{al} + REPAIR'][0]):.3f})" for al in ("WM", "AM")))
+                    f"(±{c.margin(nz[f'{al} + RESCALE'][0], nz[f'{al} + REPAIR'][0]):.3f})" for al in ("WM", "AM")),
+          paper="RESCALE ≈ 84 %, REPAIR ≈ 65 % (CIFAR-10 VGG16, WM)")
     std_b = np.mean([s.mean() for _, s in res.bn_before.values()])
     std_a = np.mean([s.mean() for _, s in res.bn_after.values()])
     mean_b = np.mean([np.abs(m).mean() for m, _ in res.bn_before.values()])

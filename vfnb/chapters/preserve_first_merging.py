@@ -456,11 +456,13 @@ def claims(res: PFMResult) -> list[dict[str, Any]]:
            cl.greater(best[max(ls)], edge),
            (f"first l above the edge average {edge:.3f}: l = {first} ({best[first]:.3f}, "
             f"{cost[first]['params']:.2f}× params, {cost[first]['flops']:.2f}× FLOPs)") if above
-           else f"best PFM {max(best.values()):.3f} vs edge average {edge:.3f}")
+           else f"best PFM {max(best.values()):.3f} vs edge average {edge:.3f}",
+           paper="PFM 8/14 reaches the edges (CIFAR-10 VGG16)")
     mid = min(ls, key=lambda l: abs(l - round(8 * L / 14)))
     cl.add(f"PFM {mid}/{L} costs about 1.2× the parameters but more FLOPs (paper: 1.2× params, 1.67× FLOPs)",
            bool(1.05 < cost[mid]["params"] < 1.5 and cost[mid]["flops"] > cost[mid]["params"]),
-           f"PFM {mid}/{L}: {cost[mid]['params']:.2f}× params, {cost[mid]['flops']:.2f}× FLOPs")
+           f"PFM {mid}/{L}: {cost[mid]['params']:.2f}× params, {cost[mid]['flops']:.2f}× FLOPs",
+           paper="PFM 8/14: 1.2× params, 1.67× FLOPs")
     gap = [mean(lambda p, l=l: max(p.table[(l, c)] for c in cols[1:]) - p.table[(l, Fix.NONE)]) for l in ls]
     cl.add("Normalization matters less as more layers are preserved", bool(gap[-1] < gap[0]),
            ", ".join(f"l={l}: +{g:.3f}" for l, g in zip(ls, gap)) + " (best normalization over none)")
@@ -581,3 +583,37 @@ def notes(res: PFMResult) -> dict[str, str]:
             f"{ex[g[len(g) // 2]]['curve'].bound[-1]:.3f}; with l = {g[-1]} at {ex[g[-1]]['curve'].bound[-1]:.3f}. "
             f"Accuracy (AM, no normalization) goes from {ex[g[0]]['accuracy']:.3f} to {ex[g[-1]]['accuracy']:.3f}.")
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# appendix A.8.5: the other settings, as parameter sets of this chapter
+#: Paper table -> (what it is, the parameters that reach it, what this chapter computes of it). Every parameter
+#: set is validated by the tests (``vfnb.resolve``), so the commands on the page always run.
+PARAMETER_SETS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "Table 1": ("VGG16, CIFAR-10, activation matching", {"dataset": "cifar10"}, "all of it (the chapter's default)"),
+    "Table 3": ("VGG16, CIFAR-10, CCA merging", {"dataset": "cifar10"}, "all of it (the CCA table)"),
+    "Table 4": ("VGG16-BN, CIFAR-10, CCA merging", {"dataset": "cifar10", "norm": "bn"},
+                "not computed: CCA merging of BatchNorm networks is not implemented"),
+    "Table 6": ("VGG16, CIFAR-10, ZipIt! merging", {"dataset": "cifar10"},
+                "not computed: PFM with a ZipIt! alignment is not implemented (partial zipping, A.8.2, is)"),
+    "Table 7": ("ResNet20, CIFAR-10, activation matching and ZipIt!", {"dataset": "cifar10"},
+                "the activation-matching columns (the ResNet20 table)"),
+    "Table 8": ("VGG16-BN, CIFAR-10, activation matching and ZipIt!", {"dataset": "cifar10", "norm": "bn"},
+                "the activation-matching columns, with RESET (Table 1 switches to RESET / REPAIR for BatchNorm)"),
+    "Table 9": ("VGG16-BN, CIFAR-100, activation matching and ZipIt!", {"dataset": "cifar100", "norm": "bn"},
+                "the activation-matching columns"),
+    "Table 10": ("VGG16, CIFAR-100", {"dataset": "cifar100"}, "all of it (Table 1's layout)"),
+    "Table 11": ("VGG16, CIFAR-100, ZipIt! merging", {"dataset": "cifar100"},
+                 "not computed: PFM with a ZipIt! alignment is not implemented"),
+}
+
+
+def parameter_sets_table(profile: str = "paper") -> list[dict[str, str]]:
+    """Appendix A.8.5: each paper table of PFM in another setting, the command that runs this chapter in that
+    setting at ``profile``, and what of the table the chapter computes."""
+    rows = []
+    for table, (what, params, covered) in PARAMETER_SETS.items():
+        args = " ".join(f"-p {k} {v}" for k, v in params.items())
+        rows.append({"paper": table, "setting": what, "command": f"python -m vfnb run 05_4 --profile {profile} {args}",
+                     "this chapter computes": covered})
+    return rows

@@ -324,12 +324,12 @@ def claims(res: RecipeResult) -> list[dict[str, str]]:
         verdicts.append(c.greater(1 - b_hi, 1 - b_lo))
         evidence.append(f"{arch}: {100 * b_lo:.1f} → {100 * b_hi:.1f} points (lr {lo.setting['lr']:g} → {hi.setting['lr']:g})")
     c.add("A larger learning rate lowers the barrier after weight matching (Fig. 6A)", all_of(*verdicts),
-          "; ".join(evidence))
+          "; ".join(evidence), paper="lr 0.01 → 0.1: barrier down by over 40 % (VGG16-LN, ResNet20, CIFAR-10)")
     lo, hi = ends(res.wd_pairs, "weight decay")
     b_lo, b_hi = lo.barrier("weight matching"), hi.barrier("weight matching")
     c.add("Stronger weight decay lowers the barrier after weight matching (Fig. 6C)", c.greater(1 - b_hi, 1 - b_lo),
           f"VGG: {100 * b_lo:.1f} → {100 * b_hi:.1f} points (weight decay {lo.setting['weight decay']:g} → "
-          f"{hi.setting['weight decay']:g})")
+          f"{hi.setting['weight decay']:g})", paper="1e-4 → 5e-4: post-WM barrier down by over 60 % (VGG16, CIFAR-10)")
     d_lo, d_hi = lo.barrier("direct"), hi.barrier("direct")
     c.add("Weight decay matters less for direct merging than after weight matching (Fig. 6D)",
           bool(abs(d_hi - d_lo) < abs(b_hi - b_lo)),
