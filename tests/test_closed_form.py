@@ -85,7 +85,8 @@ def test_the_printed_corollary_drops_the_identity_path():
     right, printed = cf.eq_5_2(layers, x), cf.eq_5_2(layers, x, printed_corollary=True)
     assert torch.allclose(right[0].f, printed[0].f)  # layer 1 has no sum
     for r, p in zip(right[1:], printed[1:]):
-        assert torch.allclose(r.g - p.g, r.terms[0])  # exactly the e_0 term is missing
+        assert torch.allclose(r.g - p.g, r.terms[0])  # exactly the e_0 term is missing: of W1 x ...
+        assert torch.allclose(r.h - p.h, layers[0].bias)  # ... and of b1, both inside f^(1)(x)
     with pytest.raises(ValueError, match="Corollary A.3"):
         sq = cf.linear_layers(_pair(in_features=5, num_classes=5, depth=3, width=5, residual=True)[0])
         cf.eq_5_2(sq, torch.randn(2, 5), printed_corollary=True)

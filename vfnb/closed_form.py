@@ -8,10 +8,14 @@ A linear network is a list of :class:`LinearLayer` ``(W, b, residual)``: layer l
 - :func:`eq_4_1` (no residuals): ``g⁽ˡ⁾(x) = W⁽ˡ⁾···W⁽¹⁾x`` and ``h⁽ˡ⁾ = Σ_j W⁽ˡ⁾···W⁽ʲ⁺¹⁾ b⁽ʲ⁾``.
 - :func:`eq_5_2` (a residual at every layer from ``start`` on): the feature is a sum of elementary symmetric
   polynomials, ``g⁽ˡ⁾(x) = Σ_k e_k(W⁽ˢ⁾, …, W⁽ˡ⁾) x'`` with ``x' = x`` (Prop. A.2, ``start=1``) or
-  ``x' = f⁽¹⁾(x)`` (Cor. A.3, ``start=2``), and ``h⁽ˡ⁾ = Σ_j Σ_k e_k(W⁽ʲ⁺¹⁾, …, W⁽ˡ⁾) b⁽ʲ⁾``.
+  ``x' = W⁽¹⁾x``, the feature of ``f⁽¹⁾`` (Cor. A.3, ``start=2``; its bias ``b⁽¹⁾`` is carried into the offset),
+  and ``h⁽ˡ⁾ = Σ_j Σ_k e_k(W⁽ʲ⁺¹⁾, …, W⁽ˡ⁾) b⁽ʲ⁾``.
 
 :func:`elementary_symmetric` is the definition, ``e_k(M₁, …, M_N) = Σ_{j₁<…<j_k} M_{j_k}···M_{j₁}``, a sum over
-all k-subsets with the later matrix on the left, as layers compose. Everything runs in float64.
+all k-subsets with the later matrix on the left, as layers compose; it costs C(N, k) products, so it is limited
+to :data:`MAX_FACTORS` matrices. (The recursion the paper's proof uses, ``e_k(M₁…M_{N+1}) = M_{N+1} e_{k−1}(M₁…M_N)
++ e_{k−1}(M₁…M_N)``, is misprinted: the last term is ``e_k(M₁…M_N)``; the tests check the corrected form.)
+Everything runs in float64.
 """
 from __future__ import annotations
 
@@ -24,6 +28,10 @@ import torch
 from torch import nn
 
 from .validate import check_alpha
+
+
+#: The most matrices :func:`elementary_symmetric` expands (all 2^N subsets of N = 16 are 65,536 products).
+MAX_FACTORS = 16
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,8 @@ def linear_layers(model: nn.Module) -> list[LinearLayer]:
 def merged_layers(layers_a: Sequence[LinearLayer], layers_b: Sequence[LinearLayer], alpha: float) -> list[LinearLayer]:
     """``W_α = (1−α)W₀ + αW₁`` and ``b_α = (1−α)b₀ + αb₁`` layer by layer (paper §3)."""
     check_alpha(alpha)
-    if len(layers_a) != len(layers_b) or any(a.weight.shape != b.weight.shape or a.residual != b.residual
+    if len(layers_a) != len(layers_b) or any(a.weight.shape != b.weight.shape or a.bias.shape != b.bias.shape
+                                             or a.residual != b.residual
                                              for a, b in zip(layers_a, layers_b)):
         raise ValueError("merged_layers needs two networks of one architecture (same depth, shapes and residuals)")
     return [LinearLayer((1 - alpha) * a.weight + alpha * b.weight, (1 - alpha) * a.bias + alpha * b.bias, a.residual)
@@ -81,6 +90,9 @@ def elementary_symmetric(mats: Sequence[torch.Tensor], k: int, dim: int | None =
     and ``e_k = 0`` for ``k > N``. ``dim`` gives the size when ``mats`` is empty. Cost: C(N, k) products."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"the order k of an elementary symmetric polynomial is an integer >= 0, got {k!r}")
+    if len(mats) > MAX_FACTORS:
+        raise ValueError(f"elementary_symmetric expands its definition over all subsets, which is too slow for "
+                         f"{len(mats)} matrices (at most {MAX_FACTORS}); check a shallower network")
     if not mats and dim is None:
         raise ValueError("elementary_symmetric of no matrices needs dim= (the size of the identity e_0)")
     n = mats[0].shape[0] if mats else dim
@@ -125,7 +137,11 @@ def eq_5_2(layers: Sequence[LinearLayer], x: torch.Tensor, printed_corollary: bo
     if not layers:
         raise ValueError("eq_5_2 needs at least one layer")
     start = 0 if layers[0].residual else 1
-    if any(not layer.residual for layer in layers[start:]) or (start == 1 and len(layers) < 1):
+    square = [i + 1 for i, layer in enumerate(layers) if layer.residual and layer.weight.shape[0] != layer.weight.shape[1]]
+    if square:
+        raise ValueError(f"layer {square[0]} has a residual connection but a non-square weight; a residual needs "
+                         "equal input and output widths")
+    if any(not layer.residual for layer in layers[start:]):
         raise ValueError("eq_5_2 needs a residual connection at every layer (Prop. A.2) or at every layer but the "
                          "first (Cor. A.3); a plain layer later in the network has no Eq. 5.2 form")
     if printed_corollary and start == 0:
@@ -145,12 +161,14 @@ def eq_5_2(layers: Sequence[LinearLayer], x: torch.Tensor, printed_corollary: bo
         orders = range(1, n + 1) if printed_corollary else range(0, n + 1)
         terms = [x @ elementary_symmetric(ws, k).T for k in orders]
         h = torch.zeros(ws[0].shape[0], dtype=torch.float64)
-        # the bias of f^(1) (Cor. A.3) and of every residual layer j, carried through e_k of the layers after it
-        sources = [(start - 1, offsets[0])] if start == 1 else []
-        sources += [(j, layers[j].bias) for j in range(start, l)]
-        for j, b in sources:
+        # the bias of f^(1) (Cor. A.3) and of every residual layer j, carried through e_k of the layers after it;
+        # as printed, the corollary's first sum (k = 1…l) also drops e_0 for f^(1)'s bias
+        sources = [(start - 1, offsets[0], printed_corollary)] if start == 1 else []
+        sources += [(j, layers[j].bias, False) for j in range(start, l)]
+        for j, b, skip_e0 in sources:
             later = [layers[i].weight for i in range(j + 1, l)]
-            h = h + sum(elementary_symmetric(later, k, dim=b.shape[0]) @ b for k in range(len(later) + 1))
+            h = h + sum((elementary_symmetric(later, k, dim=b.shape[0]) @ b for k in range(int(skip_e0), len(later) + 1)),
+                        torch.zeros_like(b))
         out.append(ClosedForm(sum(terms), h, terms))
     return out
 
@@ -184,6 +202,8 @@ def _product(mats: Sequence[torch.Tensor], dim: int | None = None) -> torch.Tens
 
 
 def _rows(x: torch.Tensor, layers: Sequence[LinearLayer]) -> torch.Tensor:
+    if not layers:
+        raise ValueError("a closed form needs at least one layer")
     x = torch.flatten(torch.as_tensor(x), 1).to(torch.float64)
     if x.shape[1] != layers[0].weight.shape[1]:
         raise ValueError(f"inputs have {x.shape[1]} features but the first layer takes {layers[0].weight.shape[1]}")

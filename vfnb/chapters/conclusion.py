@@ -36,8 +36,8 @@ def gather(cfg: Config, pages: Mapping[str, Path]) -> tuple[list[dict[str, Any]]
     check_config(cfg, "conclusion")
     titles = chapter_titles(pages)
     rows, runs = [], []
-    for cid in EXPERIMENTS:
-        if cid == "conclusion" or cid not in titles:
+    for cid in pages:  # reading order (_toc.yml)
+        if cid == "conclusion" or cid not in EXPERIMENTS:
             continue
         title, page = titles[cid]
         data = load(cid, cfg.profile, cfg.results_dir)
