@@ -60,7 +60,7 @@ def test_experiment_table_names_every_chapters_models():
     assert models[("vanishing_feature", "cpu")] == "VGG16, VGG16-BN, width ×0.25; ResNet20, ResNet20-LN, width ×1.0"
     assert models[("merging_through_vf", "paper")].startswith("VGG16, VGG16-BN, VGG16-LN, width ×1.0; ResNet20,")
     assert "linear mlp (plain and residual), depth 5, width 32" in models[("merging_through_vf", "cpu")]
-    assert models[("pruning", "cpu")] == "vgg16 (norm LN, BN), width ×0.25; ConvNeXt, width ×0.5 (10 epochs)"
+    assert models[("pruning", "cpu")] == "vgg16 (norm LN, BN), width ×0.25; ConvNeXt, width ×0.5 (6 epochs)"
     assert models[("introduction", "cpu")] == "as linear_networks: linear mlp, depth 8, width 32"
 
 

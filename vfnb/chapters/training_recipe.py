@@ -31,9 +31,10 @@ ARCHS = {"VGG": (None, "none"), "VGG-LN": (None, "ln"), "ResNet20-LN": ("resnet2
 INITS = {"kaiming_normal": "Kaiming (normal)", "uniform": "Kaiming uniform"}
 #: Git Re-Basin's MNIST recipe (Ainsworth et al., quoted in the paper's A.3): VGG16-LN, Kaiming-uniform
 #: initialization, SGD with momentum 0.9, linear warm-up over the first epoch then a cosine, batch 100, weight
-#: decay 5e-4, no gradient clipping.
+#: decay 5e-4; plus the book's gradient clip at 1.0, without which lr 0.1 diverged to chance at 1/8 width
+#: (measured at cpu: both seeds at 10 % test accuracy after 10 epochs).
 REBASIN = {"model": "vgg16", "norm": "ln", "init": "uniform", "schedule": "warmup_cosine", "batch_size": 100,
-           "weight_decay": 5e-4, "grad_clip": None}
+           "weight_decay": 5e-4, "grad_clip": 1.0}
 COLORS = {"VGG": "#2c3e50", "VGG-LN": "#2980b9", "ResNet20-LN": "#27ae60", "direct": "#7f8c8d",
           "weight matching": "#c0392b", "REPAIR": "#8e44ad", "RESCALE": "#e67e22"}
 
@@ -225,10 +226,11 @@ def plot_barriers(axes, res: RecipeResult) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("barrier (accuracy points)")
         ax.set_ylim(bottom=0)
-    axes[0].set_title(f"Fig. 6A: learning rate (weight decay {res.cfg.weight_decay:g})")
-    axes[1].set_title(f"Fig. 6C: weight decay (learning rate {res.cfg.lr:g})")
-    axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[0].set_title(f"Fig. 6A: by learning rate (wd {res.cfg.weight_decay:g})")
+    axes[1].set_title(f"Fig. 6C: by weight decay (lr {res.cfg.lr:g})")
+    for ax in axes[:2]:
+        ax.set_ylim(0, 100)
+        ax.legend(loc="lower left", fontsize=7)
 
 
 def plot_curves(axes, res: RecipeResult) -> None:
@@ -263,12 +265,13 @@ def plot_init(axes, res: RecipeResult) -> None:
             axes[1].plot(np.arange(len(d)), d, color=color, ls=ls, label=f"{init}, lr {lr:g}")
     axes[0].set_xticks(np.arange(len(lrs)), [f"lr {lr:g}" for lr in lrs])
     axes[0].set_ylabel("barrier after WM (points)")
-    axes[0].set_title("Fig. 9A: VGG-LN barrier by initialization")
-    axes[0].legend(loc="upper right")
+    axes[0].set_ylim(0, 100)
+    axes[0].set_title("Fig. 9A: barrier after WM")
+    axes[0].legend(loc="upper right", fontsize=7)
     axes[1].set_xlabel("epoch")
     axes[1].set_ylabel("‖θ₀ − θ₁‖ (ℓ2, all weights)")
-    axes[1].set_title("Fig. 9B: distance between the edge models")
-    axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[1].set_title("Fig. 9B: distance in training")
+    axes[1].legend(loc="center right", fontsize=7)
 
 
 def plot_normalization(ax, res: RecipeResult) -> None:
@@ -365,9 +368,10 @@ def claims(res: RecipeResult) -> list[dict[str, str]]:
           f"table: {rows[0]['WM + REPAIR']} vs {rows[-1]['WM + REPAIR']}" if len(weak) > 1 else
           "one seed pair: a spread needs at least two (pass more seeds)")
     lo, hi = ends(res.rebasin_pairs, "lr")
-    c.add(f"VGG16-LN on MNIST: weight matching fails at lr {lo.setting['lr']:g} and works at {hi.setting['lr']:g} "
-          "(Git Re-Basin's failure explained)",
+    c.add(f"VGG16-LN on MNIST: weight matching merges better at a larger learning rate ({lo.setting['lr']:g} → "
+          f"{hi.setting['lr']:g}; the paper: Git Re-Basin's failure at 0.001 is its learning rate)",
           c.greater(hi.midpoint("weight matching"), lo.midpoint("weight matching")),
-          f"WM at α = 0.5: {100 * lo.midpoint('weight matching'):.1f} % → {100 * hi.midpoint('weight matching'):.1f} %; "
-          f"barrier {100 * lo.barrier('weight matching'):.1f} → {100 * hi.barrier('weight matching'):.1f} points")
+          f"WM at α = 0.5: {100 * lo.midpoint('weight matching'):.1f} % → {100 * hi.midpoint('weight matching'):.1f} % "
+          f"(edges {100 * np.mean(lo.edge_accuracy):.1f} % → {100 * np.mean(hi.edge_accuracy):.1f} %); barrier after WM "
+          f"{100 * lo.barrier('weight matching'):.1f} → {100 * hi.barrier('weight matching'):.1f} points")
     return c.rows
