@@ -188,6 +188,6 @@ def test_a4_pairs_share_the_zoo_across_its_sweeps():
                               **{k: v for k, v in tr.REBASIN.items() if k != "model"}, lr=0.001)
     c = rebasin[0]
     assert (c.schedule, c.batch_size, c.weight_decay, c.grad_clip, c.model_kwargs["init"], c.model_kwargs["norm"]) == \
-        ("warmup_cosine", 100, 5e-4, None, "uniform", "ln")
+        ("warmup_cosine", 100, 5e-4, 1.0, "uniform", "ln")
     resnet = tr.pair_configs(cfg, "ResNet20-LN", (0, 1))
     assert resnet[0].model == "resnet20" and resnet[0].schedule == "warmup_step" and resnet[0].model_kwargs["width"] == 0.5
