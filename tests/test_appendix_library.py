@@ -155,6 +155,13 @@ def test_conclusion_gathers_recorded_claims_in_reading_order(tmp_path):
     summary = conclusion.summary(got)
     assert summary[-1] == {"chapter": "all chapters", "holds": 2, "does not hold": 0, "not shown at this scale": 1}
     assert "<a href=\"05_5_pruning.html\">" in conclusion.claims_html(got).data
+    from vfnb import plots
+    fig, (ax,) = plots.figure()
+    conclusion.plot_summary(ax, got)
+    assert sum(p.get_width() for p in ax.patches) == 3  # every recorded claim is drawn once
+    fig, (ax,) = plots.figure()
+    conclusion.plot_summary(ax, [])  # nothing recorded yet: a note, no error
+    assert not ax.patches
     with pytest.raises(ValueError, match="claims row"):
         claims.show(vfnb.resolve("pruning", profile="smoke"), [{"claim": "x"}], tmp_path)
     assert json.loads((tmp_path / "smoke" / "pruning.json").read_text())["results"]["claims"] == rows

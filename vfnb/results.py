@@ -49,15 +49,23 @@ def _jsonable(value: Any) -> Any:
                     f"{type(value).__name__}: convert it before recording")
 
 
+#: Parameters that say where a run happened, not what it computed: a change of them keeps earlier results.
+RUNTIME = ("device", "cache_dir", "data_root")
+
+
+def _science(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k not in RUNTIME}
+
+
 def record(cfg: Config, name: str, value: Any, results_dir: str | os.PathLike | None = None) -> Path:
     """Store ``value`` as result ``name`` of ``cfg``'s chapter (replacing an earlier one of that name) and
     return the sidecar's path. The file also records the chapter's parameters, the vfnb version and the time."""
     from . import __version__
     if not isinstance(name, str) or not name:
         raise ValueError(f"a result needs a non-empty name, got {name!r}")
-    path = sidecar(cfg.experiment, cfg.profile, results_dir if results_dir is not None else None)
+    path = sidecar(cfg.experiment, cfg.profile, results_dir)
     data = load(cfg.experiment, cfg.profile, results_dir) or {}
-    if data.get("parameters") != _jsonable(dict(cfg)):
+    if _science(data.get("parameters") or {}) != _science(_jsonable(dict(cfg))):
         data = {}  # another parameter set: earlier results do not belong to this run
     data.update({"chapter": cfg.experiment, "profile": cfg.profile, "parameters": _jsonable(dict(cfg)),
                  "vfnb": __version__, "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})

@@ -12,7 +12,13 @@ Smaller differences are a tie, shown as "within noise"::
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Union
+import os
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+if TYPE_CHECKING:
+    from IPython.display import Markdown
+
+    from ..config import Config
 
 import numpy as np
 
@@ -109,7 +115,7 @@ class Claims:
         return list(self.rows)
 
 
-def show(cfg: Any, rows: list[dict[str, str]], results_dir: Any = None):
+def show(cfg: "Config", rows: list[dict[str, str]], results_dir: "str | os.PathLike | None" = None) -> "Markdown":
     """Display a chapter's claims table and record it (:func:`vfnb.results.record`, result ``"claims"``), so
     that the conclusion page (paper §6) can gather every chapter's claims. Returns the displayed table."""
     from ..plots import table

@@ -76,7 +76,7 @@ def claims_html(rows: list[dict[str, Any]]):
     from IPython.display import HTML
     if not rows:
         return HTML("<p><em>No chapter has recorded claims at this profile yet.</em></p>")
-    colors = {"holds": "#1e8449", "does not hold": "#c0392b", "not shown at this scale": "#7f8c8d"}
+    colors = VERDICT_COLORS
     head = "".join(f"<th>{h}</th>" for h in ("chapter", "claim", "paper", "this run", "verdict"))
     body = []
     for r in rows:
@@ -91,3 +91,28 @@ def claims_html(rows: list[dict[str, Any]]):
 def where(cfg: Config) -> Path:
     """The folder the results are read from (for the page's provenance line)."""
     return results_root(cfg.results_dir) / cfg.profile
+
+
+#: One colour per verdict (the same as the claims table's).
+VERDICT_COLORS = {"holds": "#1e8449", "does not hold": "#c0392b", "not shown at this scale": "#95a5a6"}
+
+
+def plot_summary(ax, rows: list[dict[str, Any]]) -> None:
+    """The verdicts per chapter as stacked horizontal bars (chapters top to bottom in reading order)."""
+    counts = [r for r in summary(rows) if r["chapter"] != "all chapters"]
+    if not counts:
+        ax.text(0.5, 0.5, "no chapter has recorded claims at this profile yet", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    labels = [r["chapter"] if len(r["chapter"]) <= 40 else r["chapter"][:38] + "…" for r in counts]
+    y = list(range(len(counts)))[::-1]
+    left = [0] * len(counts)
+    for verdict, color in VERDICT_COLORS.items():
+        n = [r[verdict] for r in counts]
+        ax.barh(y, n, left=left, color=color, label=verdict)
+        left = [a + b for a, b in zip(left, n)]
+    ax.set_yticks(y, labels)
+    ax.set_xlabel("claims")
+    ax.set_title("Verdicts per chapter")
+    ax.legend(loc="lower right", fontsize=7)
