@@ -4,6 +4,7 @@ initialization with the distance between the edge models along training (Figure 
 at weak and strong weight decay, and VGG16-LN on MNIST (Git Re-Basin's failure at learning rate 0.001)."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -167,6 +168,8 @@ def run(cfg: Config, progress: bool = True) -> RecipeResult:
              for lr in cfg.rebasin_lrs]
     out: dict[str, list[Pair]] = {k: [] for k in ("lr", "wd", "init", "norm", "rebasin")}
     rebasin_data: tuple[VisionData, VisionData] | None = None
+    measured: dict[tuple[str, ...], Pair] = {}  # pairs that several sweeps share are measured once
+    jobs.sort(key=lambda job: not job[4])  # those that need the fixes first, so the others can reuse them
     for kind, arch, seeds, setting, fixes, overrides in tqdm(jobs, desc="A.4 edge pairs", disable=not progress):
         t = time.perf_counter()
         if kind == "rebasin":
@@ -175,10 +178,15 @@ def run(cfg: Config, progress: bool = True) -> RecipeResult:
             if rebasin_data is None:
                 rebasin_data = (test_data(cfg_), match_data(cfg_))
             pair = measure_pair(cfg_, REBASIN["model"], seeds, *rebasin_data, setting, progress=progress, **overrides)
-        else:
-            pair = measure_pair(cfg, arch, seeds, test, mdata, setting, fixes=fixes, progress=progress, **overrides)
-        if kind == "rebasin":
             pair.arch = "VGG16-LN"
+        else:
+            key = tuple(c.key for c in pair_configs(cfg, arch, seeds, **overrides))
+            known = measured.get(key)
+            if known is not None and (known.fixes or not fixes):
+                pair = dataclasses.replace(known, setting=setting)
+            else:
+                pair = measure_pair(cfg, arch, seeds, test, mdata, setting, fixes=fixes, progress=progress, **overrides)
+                measured[key] = pair
         out[kind].append(pair)
         seconds[kind] = seconds.get(kind, 0.0) + time.perf_counter() - t
     return RecipeResult(cfg=cfg, lr_pairs=out["lr"], wd_pairs=out["wd"], init_pairs=out["init"],
