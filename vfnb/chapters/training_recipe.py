@@ -109,8 +109,8 @@ def build_defaults(model: str) -> dict[str, Any]:
             if p.default is not inspect.Parameter.empty}
 
 
-def _moved(config: TrainConfig, model: nn.Module, cache_dir: Any) -> float:
-    init = snapshots(config, cache_dir)[0]
+def _moved(init: dict, model: nn.Module) -> float:
+    """‖θ_T − θ_0‖ / ‖θ_0‖ of a trained model against its initial weights."""
     zero = {k: v * 0 for k, v in init.items()}
     return state_distance(model.state_dict(), init) / state_distance(init, zero)
 
@@ -132,7 +132,7 @@ def measure_pair(cfg: Config, arch: str, seeds: tuple[int, int], test: VisionDat
     distance = np.array([state_distance(x, y) for x, y in zip(*snaps)])
     pair = Pair(arch=arch, setting=setting, configs=configs,
                 edge_accuracy=[float(curves["direct"]["accuracy"][0]), float(curves["direct"]["accuracy"][-1])],
-                curves=curves, moved=[_moved(c, m, cfg.cache_dir) for c, m in zip(configs, models)],
+                curves=curves, moved=[_moved(sn[0], m) for sn, m in zip(snaps, models)],
                 distance=distance)
     if fixes:
         merged = interpolate(a, partner, 0.5)
