@@ -181,7 +181,7 @@ def test_every_a85_parameter_set_is_a_valid_run_of_chapter_5_4(profile):
 def test_a4_pairs_share_the_zoo_across_its_sweeps():
     from vfnb.chapters import training_recipe as tr
     cfg = vfnb.resolve("training_recipe", profile="cpu")
-    assert tr.seed_pairs(cfg) == [(0, 1), (2, 3), (4, 5)]
+    assert tr.seed_pairs(cfg.seeds) == [(0, 1), (2, 3), (4, 5)]
     lr_sweep = tr.pair_configs(cfg, "VGG-LN", (0, 1), lr=0.01)
     init_kn = tr.pair_configs(cfg, "VGG-LN", (0, 1), lr=0.01, init="kaiming_normal")  # VGG's default init
     init_un = tr.pair_configs(cfg, "VGG-LN", (0, 1), lr=0.01, init="uniform")

@@ -103,17 +103,17 @@ def run(cfg: Config, progress: bool = True) -> ClosedFormsResult:
     # edges', for the plain and the residual networks, and the residual network's feature by order k
     test = test_data(cfg)
     xt = inputs(test, cfg.n_inputs)
-    g_ratio = {}
+    g_ratio, edge_g = {}, {}
     for name, edges in (("plain", plain), ("residual", residual)):
-        per_edge = [[_g_norm(c.g) for c in _closed(e, xt)] for e in edges]
-        g_merged = [_g_norm(c.g) for c in _closed(interpolate(edges[0], edges[1], cfg.alpha), xt)]
-        g_ratio[name] = np.array(g_merged) / np.mean(per_edge, axis=0)
-    edge_g = np.mean([[_g_norm(c.g) for c in _closed(e, xt)[:-1]] for e in residual], axis=0)
-    forms = cf.eq_5_2(cf.linear_layers(merged_res)[:-1], xt)
+        merged_net = merged if name == "plain" else merged_res
+        edge_g[name] = np.mean([[_g_norm(c.g) for c in _closed(e, xt)] for e in edges], axis=0)
+        forms = _closed(merged_net, xt)
+        g_ratio[name] = np.array([_g_norm(c.g) for c in forms]) / edge_g[name]
+    forms = forms[:-1]  # the merged residual network's Eq. 5.2 layers (its terms by order)
     orders = np.full((len(forms), len(forms)), np.nan)
     for l, c in enumerate(forms):
         for k, t in enumerate(c.terms):
-            orders[l, k] = _g_norm(t) / edge_g[l]
+            orders[l, k] = _g_norm(t) / edge_g["residual"][l]
     from ..evaluate import evaluate
     acc = {name: [evaluate(e, test)["accuracy"] for e in edges] for name, edges in (("plain", plain),
                                                                                     ("residual", residual))}

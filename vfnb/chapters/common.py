@@ -65,6 +65,11 @@ def edge_configs(cfg: Config, model: str | None = None, norm: str | None = None,
     return [recipe(model, cfg.profile, dataset=cfg.dataset, seed=s, **train_kw, **extra) for s in seeds]
 
 
+def seed_pairs(seeds: "list[int] | tuple[int, ...]") -> list[tuple[int, int]]:
+    """Consecutive seeds form the edge-model pairs: ``[0, 1, 2, 3]`` → ``(0, 1), (2, 3)``."""
+    return [(seeds[i], seeds[i + 1]) for i in range(0, len(seeds) - 1, 2)]
+
+
 def linear_mlp_configs(cfg: Config, residual: bool = False) -> list[TrainConfig]:
     """Linear MLPs (``depth`` × ``width``) with the §4 recipe (paper Table 2), one per seed; ``residual=True``
     adds a residual connection at every layer whose widths agree (a different zoo entry)."""

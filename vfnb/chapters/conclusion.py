@@ -72,20 +72,18 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def claims_html(rows: list[dict[str, Any]]):
-    """The gathered claims as one HTML table (chapter links to its page; long text wraps), for the book."""
+    """The gathered claims as one HTML table (:func:`vfnb.plots.html_table`): the chapter links to its page, the
+    verdict carries its colour."""
     from IPython.display import HTML
+
+    from ..plots import html_table
     if not rows:
         return HTML("<p><em>No chapter has recorded claims at this profile yet.</em></p>")
-    colors = VERDICT_COLORS
-    head = "".join(f"<th>{h}</th>" for h in ("chapter", "claim", "paper", "this run", "verdict"))
-    body = []
-    for r in rows:
-        link = f'<a href="{html.escape(r["page"])}">{html.escape(r["chapter"])}</a>'
-        verdict = f'<span style="color:{colors.get(r["verdict"], "inherit")}">{html.escape(r["verdict"])}</span>'
-        cells = [link, html.escape(r["claim"]), html.escape(r["paper"]) or "—", html.escape(r["this run"]), verdict]
-        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    return HTML('<div class="vfnb-table" style="overflow-x:auto"><table class="table">'
-                f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
+    cells = [{"chapter": f'<a href="{html.escape(r["page"])}">{html.escape(r["chapter"])}</a>',
+              "claim": r["claim"], "paper": r["paper"] or "—", "this run": r["this run"],
+              "verdict": f'<span style="color:{VERDICT_COLORS.get(r["verdict"], "inherit")}">'
+                         f'{html.escape(r["verdict"])}</span>'} for r in rows]
+    return HTML(html_table(cells, raw=("chapter", "verdict")))
 
 
 def where(cfg: Config) -> Path:

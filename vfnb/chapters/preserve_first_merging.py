@@ -32,7 +32,7 @@ from ..pfm import PreserveFirst, partial_zip, preserve_first
 from ..structure import BN_TYPES, execution_order, repair_layers, structure_of
 from ..zoo import info
 from .claims import Claims, all_of
-from .common import align, check_config, edge_configs, edge_models, match_data, test_data
+from .common import align, check_config, edge_configs, edge_models, match_data, seed_pairs, test_data
 
 #: Table columns: the fixes compared for models without / with BatchNorm (paper Tables 1, 3 / 7, 8).
 COLUMNS = {False: (Fix.NONE, Fix.REPAIR, Fix.RESCALE, Fix.BIAS_CALIBRATION), True: (Fix.NONE, Fix.RESET, Fix.REPAIR)}
@@ -82,11 +82,6 @@ class PFMResult:
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
-def seed_pairs(seeds: Sequence[int]) -> list[tuple[int, int]]:
-    """Consecutive seeds form the edge-model pairs: [0, 1, 2, 3] -> (0, 1), (2, 3)."""
-    return [(seeds[i], seeds[i + 1]) for i in range(0, len(seeds) - 1, 2)]
-
-
 def _acc(model: nn.Module, data: VisionData) -> float:
     return evaluate(model, data)["accuracy"]
 

@@ -24,7 +24,7 @@ from ..normalize import repair, rescale
 from ..train import TrainConfig, recipe, state_distance
 from ..zoo import get_or_train, resolve_device, snapshots
 from .claims import TIE, Claims, all_of
-from .common import check_config, match_data, test_data
+from .common import check_config, match_data, seed_pairs, test_data
 
 #: Architectures of the learning-rate sweep: label -> (model, norm); "VGG" and "VGG-LN" take ``cfg.model``.
 ARCHS = {"VGG": (None, "none"), "VGG-LN": (None, "ln"), "ResNet20-LN": ("resnet20", "ln")}
@@ -142,17 +142,11 @@ def measure_pair(cfg: Config, arch: str, seeds: tuple[int, int], test: VisionDat
     return pair
 
 
-def seed_pairs(cfg: Config) -> list[tuple[int, int]]:
-    """Consecutive seeds as pairs: ``[0, 1, 2, 3]`` → ``(0, 1), (2, 3)``."""
-    s = list(cfg.seeds)
-    return [(s[i], s[i + 1]) for i in range(0, len(s) - 1, 2)]
-
-
 def run(cfg: Config, progress: bool = True) -> RecipeResult:
     """Every experiment of the chapter. Pairs that share a recipe are trained once (the zoo)."""
     check_config(cfg, "training_recipe")
     test, mdata = test_data(cfg), match_data(cfg)
-    first = seed_pairs(cfg)[0]
+    first = seed_pairs(cfg.seeds)[0]
     seconds: dict[str, float] = {}
     jobs: list[tuple[str, str, tuple[int, int], dict[str, Any], bool, dict[str, Any]]] = []
     for arch in cfg.lr_archs:
@@ -162,7 +156,7 @@ def run(cfg: Config, progress: bool = True) -> RecipeResult:
         jobs += [("init", "VGG-LN", first, {"init": INITS[init], "lr": lr}, False, {"init": init, "lr": lr})
                  for lr in (min(cfg.lrs), max(cfg.lrs))]
     for wd in (min(cfg.weight_decays), max(cfg.weight_decays)):
-        jobs += [("norm", "VGG", p, {"weight decay": wd}, True, {"weight_decay": wd}) for p in seed_pairs(cfg)]
+        jobs += [("norm", "VGG", p, {"weight decay": wd}, True, {"weight_decay": wd}) for p in seed_pairs(cfg.seeds)]
     jobs += [("rebasin", "vgg16", first, {"lr": lr}, False,
               {**{k: v for k, v in REBASIN.items() if k != "model"}, "lr": lr, "epochs": cfg.rebasin_epochs})
              for lr in cfg.rebasin_lrs]

@@ -104,7 +104,7 @@ def magnitude_degradation(res: VanishingResult, label: str = "VGG16", lambdas: t
     on the merged weights' norm, for the direct and the aligned midpoint."""
     m = res.merged[label]
     test = test_data(res.cfg)
-    base = feature_bias(m.edges[0], test)
+    base = m.edge_fb[0]  # edge model 0 on the same test images (common.load_edges)
     g, h = [], []
     for lam in lambdas:
         fb = feature_bias(scale_parameters(m.edges[0], lam, mu), test, names=base.names)
