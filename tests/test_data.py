@@ -114,7 +114,7 @@ def test_mnist5k_ignores_root_and_download(tmp_path, mnist5k):
 
 
 def test_unknown_dataset_and_split():
-    with pytest.raises(ValueError, match="unknown dataset 'foo'; choose one of mnist5k, mnist, cifar10, cifar100"):
+    with pytest.raises(ValueError, match="unknown dataset 'foo'; choose one of mnist5k, mnist5k-0to4, .*, digits, mnist, cifar10, cifar100"):
         load_dataset("foo", "train")
     with pytest.raises(ValueError, match="'val'.*train, test"):
         load_dataset("mnist5k", "val")

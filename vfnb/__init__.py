@@ -34,7 +34,12 @@ from .pfm import PartialZip, PreserveFirst, partial_zip, preserve_first  # noqa:
 from .pruning import (apply_masks, prunable_layers, prune, prune_scores, pruning_targets, repair_pruned,  # noqa: E402
                       select_masks, weight_sparsity)
 from .flops import count_cost  # noqa: E402
-from .diagnose import LogitStats, VFCurve, bn_stats, logit_stats, vf_curve  # noqa: E402
+from .diagnose import LogitStats, VFCurve, activation_gap, bn_stats, logit_stats, vf_curve  # noqa: E402
+from .merge import average  # noqa: E402
+from .multimerge import ManyAlignment, align_many, merge_many  # noqa: E402
+from .multitask import (MultiTask, linear_probe, task_arithmetic, task_vectors, ties_merging,  # noqa: E402
+                        ties_vector)
+from .tact import tact  # noqa: E402
 
 __all__ = [
     "Config", "ConfigError", "resolve", "chapter_config", "check_alpha", "check_finite", "check_same_architecture",
@@ -48,4 +53,6 @@ __all__ = [
     "PreserveFirst", "PartialZip", "preserve_first", "partial_zip", "prune", "repair_pruned", "prune_scores", "select_masks", "apply_masks",
     "weight_sparsity", "prunable_layers", "pruning_targets", "count_cost",
     "VFCurve", "LogitStats", "vf_curve", "logit_stats", "bn_stats",
+    "average", "ManyAlignment", "align_many", "merge_many", "MultiTask", "task_vectors", "task_arithmetic",
+    "ties_merging", "ties_vector", "linear_probe", "tact", "activation_gap",
 ]

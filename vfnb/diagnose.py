@@ -368,3 +368,37 @@ def bn_stats(model: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     if not out:
         raise ValueError(f"{type(model).__name__} has no BatchNorm layers")
     return out
+
+
+@torch.no_grad()
+def activation_gap(model: nn.Module, reference: nn.Module, data: Any, n_samples: int | None = 500,
+                   layers: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Per layer, how far ``model``'s activations are from ``reference``'s on the same inputs (non-local merging
+    paper, Fig. 3): the relative ℓ2 distance E‖a_m − a_r‖ / E‖a_r‖ and the variance ratio Σ_c Var(a_m) / Σ_c Var(a_r)
+    (variances over samples and positions, summed over channels). The activations are what each layer hands on:
+    the input of the next layer (for a VGG, after ReLU and pooling), for every layer but the last, by default.
+    ``reference`` must be in ``model``'s basis (an aligned expert)."""
+    from .activations import inputs
+    from .structure import structure_of
+    check_finite(model)
+    s = structure_of(reference)
+    chosen = list(s.layers[:-1]) if layers is None else list(layers)
+    after = {n: s.layers[s.layers.index(n) + 1] for n in chosen if n in s.layers and n != s.layers[-1]}
+    bad = [n for n in chosen if n not in after]
+    if bad:
+        raise ValueError(f"{bad} are not layers followed by another layer; choose among {list(s.layers[:-1])}")
+    x = inputs(data, n_samples)
+    names = [f"{after[n]}:input" for n in chosen]
+    am, ar = layer_outputs(model, x, names), layer_outputs(reference, x, names)
+    rows = []
+    for depth, (n, key) in enumerate(zip(chosen, names), start=1):
+        m, r = am[key].double().flatten(1), ar[key].double().flatten(1)
+        dist = float((m - r).norm(dim=1).mean() / r.norm(dim=1).mean().clamp_min(1e-30))
+        a, b = am[key].double(), ar[key].double()
+        if a.dim() > 2:  # channels on axis 1: samples and positions are the observations
+            a, b = a.transpose(0, 1).flatten(1), b.transpose(0, 1).flatten(1)
+        else:
+            a, b = a.T, b.T
+        ratio = float(a.var(dim=1, unbiased=False).sum() / b.var(dim=1, unbiased=False).sum().clamp_min(1e-30))
+        rows.append({"layer": n, "depth": s.layers.index(n) + 1, "distance": dist, "variance ratio": ratio})
+    return rows

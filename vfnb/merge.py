@@ -1,12 +1,14 @@
 """Interpolation of two edge models (paper §3: θ_α = (1−α)·θ₀ + α·θ₁), with the paper's bias
 calibration (§5.3) as an option of the same function.
 
-This is the one place where two models' parameters are mixed: plain merging, bias calibration,
-Preserve-First Merging's tail and partial zipping's trunk all call :func:`interpolate`.
+This is the one place where models' parameters are mixed: plain merging, bias calibration,
+Preserve-First Merging's tail and partial zipping's trunk all call :func:`interpolate`; :func:`average` is its
+N-model form (multi-task merging, :mod:`vfnb.multimerge`).
 """
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -14,7 +16,7 @@ from torch import nn
 from .structure import BN_TYPES, structure_of
 from .validate import check_alpha, check_finite, check_same_architecture
 
-__all__ = ["interpolate", "calibrate_bias", "bias_coefficients"]
+__all__ = ["interpolate", "calibrate_bias", "bias_coefficients", "average"]
 
 
 def bias_coefficients(alpha: float, layer: int) -> tuple[float, float]:
@@ -68,3 +70,31 @@ def calibrate_bias(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.M
     """Bias calibration (paper §5.3): :func:`interpolate` with ``bias_calibration=True``, i.e. the bias of
     layer l becomes (1−α)^l·b_a + α^l·b_b while every other parameter interpolates linearly."""
     return interpolate(model_a, model_b, alpha, bias_calibration=True)
+
+
+@torch.no_grad()
+def average(models, weights=None) -> nn.Module:
+    """θ = Σ_i w_i·θ_i over ``models`` of one architecture (already aligned), with ``weights`` normalized to sum 1
+    (default: equal): :func:`interpolate` for N models. Integer buffers come from the first model."""
+    models = list(models)
+    if not models:
+        raise ValueError("average needs at least one model")
+    for i, m in enumerate(models):
+        check_same_architecture(models[0], m)
+        check_finite(m, f"models[{i}]")
+    w = [1.0] * len(models) if weights is None else [float(v) for v in weights]
+    if len(w) != len(models):
+        raise ValueError(f"got {len(w)} weights for {len(models)} models; pass one weight per model")
+    if any(not math.isfinite(v) or v < 0 for v in w) or sum(w) <= 0:
+        raise ValueError(f"weights must be finite numbers >= 0, not all zero; got {w}")
+    total = sum(w)
+    states = [m.state_dict() for m in models]
+    state = {}
+    for k, v0 in states[0].items():
+        if v0.is_floating_point():
+            state[k] = sum((wi / total) * st[k].to(v0) for wi, st in zip(w, states))
+        else:
+            state[k] = v0.clone()
+    merged = copy.deepcopy(models[0])
+    merged.load_state_dict(state)
+    return merged.eval()

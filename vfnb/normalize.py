@@ -34,7 +34,8 @@ from .graph import Permutation
 from .structure import BN_TYPES, Structure, conv_linear_layers, repair_layers, structure_of
 from .validate import check_finite, check_module, check_same_architecture
 
-__all__ = ["Fix", "layer_stats", "target_stats", "weighted_stats", "permute_stats", "repair", "rescale",
+__all__ = ["Fix", "layer_stats", "target_stats", "weighted_stats", "permute_stats", "repair", "rescale", "corrections",
+           "folded_parameters",
            "reset_bn_stats", "remove_bias", "conv_linear_layers", "repair_layers", "Stats"]
 
 #: ``{layer: (mean[C], std[C])}`` in float64 on the CPU.
@@ -217,29 +218,44 @@ def _affine(stats_mean: torch.Tensor, stats_std: torch.Tensor, t_mean: torch.Ten
     return scale, offset, int(degenerate.sum())
 
 
+def folded_parameters(model: nn.Module, corrections: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                      structure: Structure | None = None) -> dict[str, torch.Tensor]:
+    """The parameters that change when each layer's pre-activation ``y`` becomes ``scale·y + offset``
+    (``corrections = {layer: (scale, offset)}``, as :func:`corrections` returns them), as new tensors keyed
+    like ``model.state_dict()``; the model is left untouched. The correction goes into the layer's weight and
+    bias, or into the affine of the norm after it (:attr:`vfnb.structure.Structure.point`). REPAIR folds its
+    correction this way; TACT (:func:`vfnb.tact`) folds one task's corrections per forward pass."""
+    s = structure or structure_of(model)
+    modules = dict(model.named_modules())
+    out: dict[str, torch.Tensor] = {}
+    for layer, (scale, offset) in corrections.items():
+        name = s.point[layer]
+        point = modules[name]
+        w, b = point.weight, point.bias
+        if point is modules[layer]:
+            if b is None and bool((offset != 0).any()):
+                raise ValueError(f"layer {layer!r} has no bias and no norm after it, so REPAIR's shift cannot be folded "
+                                 "without adding parameters; use rescale(), or build the model with biases")
+            out[f"{name}.weight"] = w * scale.to(w).view((-1,) + (1,) * (w.dim() - 1))
+        else:
+            if w is None or b is None:
+                raise ValueError(f"norm {name!r} after layer {layer!r} has no affine parameters to fold "
+                                 "REPAIR/RESCALE into; build it with affine=True")
+            if w.shape != scale.shape:
+                raise ValueError(f"norm {name!r} has affine parameters of shape {tuple(w.shape)}, not one per "
+                                 f"channel ({len(scale)}); REPAIR/RESCALE cannot be folded into it")
+            out[f"{name}.weight"] = w * scale.to(w)
+        if b is not None:
+            out[f"{name}.bias"] = b * scale.to(b) + offset.to(b)
+    return out
+
+
 @torch.no_grad()
 def _fold(model: nn.Module, s: Structure, layer: str, scale: torch.Tensor, offset: torch.Tensor) -> None:
     """Replace the pre-activation ``y`` of ``layer`` by ``scale·y + offset`` inside its parameters."""
-    modules = dict(model.named_modules())
-    point = modules[s.point[layer]]
-    if point is modules[layer]:
-        w, b = point.weight, point.bias
-        if b is None and bool((offset != 0).any()):
-            raise ValueError(f"layer {layer!r} has no bias and no norm after it, so REPAIR's shift cannot be folded "
-                             "without adding parameters; use rescale(), or build the model with biases")
-        shape = (-1,) + (1,) * (w.dim() - 1)
-        w.mul_(scale.to(w).view(shape))
-    else:
-        w, b = point.weight, point.bias
-        if w is None or b is None:
-            raise ValueError(f"norm {s.point[layer]!r} after layer {layer!r} has no affine parameters to fold "
-                             "REPAIR/RESCALE into; build it with affine=True")
-        if w.shape != scale.shape:
-            raise ValueError(f"norm {s.point[layer]!r} has affine parameters of shape {tuple(w.shape)}, not one per "
-                             f"channel ({len(scale)}); REPAIR/RESCALE cannot be folded into it")
-        w.mul_(scale.to(w))
-    if b is not None:
-        b.mul_(scale.to(b)).add_(offset.to(b))
+    params = dict(model.named_parameters())
+    for name, value in folded_parameters(model, {layer: (scale, offset)}, s).items():
+        params[name].copy_(value)
 
 
 def _normalize(model: nn.Module, references: Sequence[nn.Module] | nn.Module | None, weights: Any, data: Any,
@@ -272,8 +288,96 @@ def _normalize(model: nn.Module, references: Sequence[nn.Module] | nn.Module | N
         if missing:
             raise ValueError(f"targets have no statistics for layer(s) {missing}; compute them with target_stats "
                              "for these layers")
+    _check_targets(model, layers, targets)
+    out = model if inplace else copy.deepcopy(model)
+    if batch_size is None or batch_size >= len(x):
+        # one pass over all inputs at once (exact: each layer is measured with the earlier corrections in place)
+        found, degenerate, total = _one_pass(out, s, layers, targets, x, shift)
+        for n in layers:
+            _fold(out, s, n, *found[n])
+    else:
+        # streaming: one (truncated) pass per layer, in execution order
+        degenerate, total = 0, 0
+        for n in layers:
+            mean, std = _collect(out, s, [n], x, batch_size, stop_after=n)[n]
+            tm, ts = (t.double().cpu() for t in targets[n])
+            scale, offset, deg = _affine(mean, std, tm, ts, shift)
+            degenerate, total = degenerate + deg, total + len(scale)
+            _fold(out, s, n, scale, offset)
+    _warn_degenerate(what, degenerate, total, shift)
+    return out
+
+
+def _warn_degenerate(what: str, degenerate: int, total: int, shift: bool, stacklevel: int = 4) -> None:
+    if degenerate:
+        warnings.warn(f"{what}: {degenerate} of {total} channels have (near-)zero variance on the data (std <= "
+                      f"{EPS:g}·(|mean| + target std)); their scale was left unchanged"
+                      + (" and only their mean was set" if shift else ""), RuntimeWarning, stacklevel=stacklevel)
+
+
+def _one_pass(model: nn.Module, s: Structure, layers: Sequence[str], targets: Mapping[str, Any], x: torch.Tensor,
+              shift: bool) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int, int]:
+    """Each chosen pre-activation corrected on the fly in one forward pass over ``x``, so every later layer is
+    measured with the earlier corrections in place; returns ``{layer: (scale, offset)}`` (CPU) and the
+    degenerate-channel counts. The model's parameters are not changed."""
+    affines: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    modules = dict(model.named_modules())
+    degenerate = total = 0
+
+    def hook(name: str):
+        def fn(mod: nn.Module, inp: Any, y: torch.Tensor) -> torch.Tensor:
+            nonlocal degenerate, total
+            axis = _channel_axis(modules[name], y)
+            _, mean, var = batch_moments(y, axis)
+            std = var.clamp_min(0).sqrt()
+            tm, ts = (t.to(mean) for t in targets[name])
+            scale, offset, deg = _affine(mean, std, tm, ts, shift)
+            degenerate += deg
+            total += len(scale)
+            affines[name] = (scale, offset)
+            shape = [1] * y.dim()
+            shape[axis] = -1
+            return torch.addcmul(offset.to(y.dtype).view(shape), y, scale.to(y.dtype).view(shape))
+        return fn
+
+    hooks = [modules[s.point[n]].register_forward_hook(hook(n)) for n in layers]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(to_model(x, model))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return {n: tuple(t.cpu() for t in affines[n]) for n in layers}, degenerate, total
+
+
+def corrections(model: nn.Module, data: Any, targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
+                shift: bool = True, layers: Sequence[str] | None = None,
+                n_samples: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Eq. 2's per-channel affine corrections without folding them: ``{layer: (scale, offset)}`` such that
+    ``scale·y + offset`` gives each chosen pre-activation ``y`` of ``model`` the target (mean, std) on ``data``,
+    every layer measured with the earlier layers already corrected (one exact pass). ``shift=False`` is
+    RESCALE's (offset 0). :func:`repair` is this followed by :func:`folded_parameters`; TACT keeps one such set
+    per task. ``layers`` defaults to the targets' layers."""
+    check_finite(model)
+    if not isinstance(targets, Mapping):
+        raise TypeError(f"targets must be a dict {{layer: (mean, std)}} from layer_stats/target_stats, got "
+                        f"{type(targets).__name__}")
+    s = structure_of(model)
+    layers = s.check_layers(layers, [n for n in s.all_layers if n in targets])
+    _check_targets(model, layers, targets)
+    found, degenerate, total = _one_pass(model, s, layers, targets, inputs(data, n_samples), shift)
+    _warn_degenerate("corrections", degenerate, total, shift, stacklevel=3)
+    return found
+
+
+def _check_targets(model: nn.Module, layers: Sequence[str], targets: Mapping[str, Any]) -> None:
     modules = dict(model.named_modules())
     for n in layers:
+        if n not in targets:
+            raise ValueError(f"targets have no statistics for layer {n!r}; compute them with layer_stats/target_stats "
+                             "for this layer")
         mean, std = targets[n]
         if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
             raise ValueError(f"targets for {n!r} are not finite; they were measured on a model with NaN/inf outputs")
@@ -281,54 +385,6 @@ def _normalize(model: nn.Module, references: Sequence[nn.Module] | nn.Module | N
         if mean.shape != (channels,) or std.shape != (channels,):
             raise ValueError(f"targets for {n!r} have shapes {tuple(mean.shape)}/{tuple(std.shape)}, but the layer has "
                              f"{channels} channels: targets from another architecture?")
-    out = model if inplace else copy.deepcopy(model)
-    degenerate, total = 0, 0
-    if batch_size is None or batch_size >= len(x):
-        # one pass over all inputs at once: each chosen pre-activation is corrected on the fly, so every later
-        # layer is measured with the earlier corrections in place (exact), then the corrections are folded
-        affines: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        omods = dict(out.named_modules())
-
-        def hook(name: str):
-            def fn(mod: nn.Module, inp: Any, y: torch.Tensor) -> torch.Tensor:
-                nonlocal degenerate, total
-                axis = _channel_axis(omods[name], y)
-                _, mean, var = batch_moments(y, axis)
-                std = var.clamp_min(0).sqrt()
-                tm, ts = (t.to(mean) for t in targets[name])
-                scale, offset, deg = _affine(mean, std, tm, ts, shift)
-                degenerate += deg
-                total += len(scale)
-                affines[name] = (scale, offset)
-                shape = [1] * y.dim()
-                shape[axis] = -1
-                return torch.addcmul(offset.to(y.dtype).view(shape), y, scale.to(y.dtype).view(shape))
-            return fn
-
-        hooks = [omods[s.point[n]].register_forward_hook(hook(n)) for n in layers]
-        was_training = out.training
-        try:
-            with torch.no_grad():
-                out.eval()(to_model(x, out))
-        finally:
-            out.train(was_training)
-            for h in hooks:
-                h.remove()
-        for n in layers:
-            _fold(out, s, n, *(t.cpu() for t in affines[n]))
-    else:
-        # streaming: one (truncated) pass per layer, in execution order
-        for n in layers:
-            mean, std = _collect(out, s, [n], x, batch_size, stop_after=n)[n]
-            tm, ts = (t.double().cpu() for t in targets[n])
-            scale, offset, deg = _affine(mean, std, tm, ts, shift)
-            degenerate, total = degenerate + deg, total + len(scale)
-            _fold(out, s, n, scale, offset)
-    if degenerate:
-        warnings.warn(f"{what}: {degenerate} of {total} channels have (near-)zero variance on the data (std <= "
-                      f"{EPS:g}·(|mean| + target std)); their scale was left unchanged"
-                      + (" and only their mean was set" if shift else ""), RuntimeWarning, stacklevel=3)
-    return out
 
 
 def repair(model: nn.Module, references: Sequence[nn.Module] | nn.Module | None = None,

@@ -37,7 +37,10 @@ class TrainConfig:
     ``warmup_cosine`` (Git Re-Basin's MNIST recipe, appendix A.4) ramps linearly during the first epoch, then
     follows a cosine down to 0. ``grad_clip`` caps the global gradient norm of every step (``None``: no
     clipping). ``snapshots=True`` keeps the weights after every epoch (and at initialization) in the zoo
-    entry, for measurements along training (appendix A.4, Figure 9).
+    entry, for measurements along training (appendix A.4, Figure 9). ``init_from`` (another configuration, as a
+    ``TrainConfig`` or its ``to_dict()``) starts training from that model's trained weights instead of a random
+    initialization: fine-tuning an expert from a foundation model (multi-task merging); the zoo trains the
+    foundation first.
     """
 
     model: str
@@ -54,6 +57,7 @@ class TrainConfig:
     n_train: int | None = None
     grad_clip: float | None = None
     snapshots: bool = False
+    init_from: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -74,6 +78,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.snapshots must be True or False, got {self.snapshots!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.init_from is not None:
+            base = self.init_from if isinstance(self.init_from, TrainConfig) else TrainConfig.from_dict(self.init_from)
+            if base.model != self.model or base.model_kwargs != self.model_kwargs:
+                raise ValueError(f"TrainConfig.init_from must be a configuration of the same architecture: it trains "
+                                 f"{base.model} {base.model_kwargs}, this one {self.model} {self.model_kwargs}")
+            object.__setattr__(self, "init_from", base.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         """All fields; ``grad_clip`` and ``snapshots`` only when set, so configurations without them keep their
@@ -83,6 +93,8 @@ class TrainConfig:
             del d["grad_clip"]
         if not d["snapshots"]:
             del d["snapshots"]
+        if d["init_from"] is None:
+            del d["init_from"]
         return d
 
     @classmethod
@@ -101,6 +113,11 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def foundation(self) -> "TrainConfig | None":
+        """The configuration whose trained weights this one starts from (``init_from``), or ``None``."""
+        return None if self.init_from is None else TrainConfig.from_dict(self.init_from)
 
 
 def data_kwargs(model: str, in_channels: int, image_size: int, num_classes: int) -> dict[str, Any]:
@@ -189,7 +206,8 @@ class TrainingDivergedError(RuntimeError):
 
 def train(config: TrainConfig, train_data: Any, test_data: Any = None, checkpoint: Path | None = None,
           device: str | torch.device = "cpu", progress: bool = True,
-          snapshot_dir: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
+          snapshot_dir: Path | None = None,
+          init_state: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Train one edge model with ``config``; return it (in eval mode) and its history.
 
     After every epoch the model, optimizer and history are written atomically to ``checkpoint``;
@@ -198,12 +216,18 @@ def train(config: TrainConfig, train_data: Any, test_data: Any = None, checkpoin
     ``(seed, epoch)``, so a resumed run gives the same result as an uninterrupted one.
     With ``snapshot_dir``, the weights at initialization and after every epoch are written there
     (:func:`snapshot_path`), and the history records each epoch's ℓ2 distance from initialization.
+    ``init_state`` (the trained weights of ``config.init_from``) replaces the random initialization.
     """
     device = torch.device(device)
+    if (init_state is None) != (config.init_from is None):
+        raise ValueError("a configuration with init_from needs init_state (the foundation's weights), and only then; "
+                         "train it through vfnb.get_or_train, which supplies them")
     torch.manual_seed(config.seed)
     kwargs = {**config.model_kwargs, **data_kwargs(config.model, train_data.in_channels,
                                                      train_data.image_size, train_data.num_classes)}
     model = build_model(config.model, **kwargs).to(device)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     opt = make_optimizer(config, model)
     history: dict[str, list[float]] = {"train_loss": [], "train_acc": [], "test_acc": []}
     start = 0
@@ -220,6 +244,8 @@ def train(config: TrainConfig, train_data: Any, test_data: Any = None, checkpoin
             warnings.warn(f"ignoring unusable resume checkpoint {checkpoint} ({exc}); training from scratch")
             torch.manual_seed(config.seed)
             model = build_model(config.model, **kwargs).to(device)
+            if init_state is not None:
+                model.load_state_dict(init_state)
             opt = make_optimizer(config, model)
             history, start = {"train_loss": [], "train_acc": [], "test_acc": []}, 0
     if snapshot_dir is not None:

@@ -232,6 +232,8 @@ def get_or_train(config: TrainConfig, cache_dir: str | Path | None = None, data_
     if not isinstance(config, TrainConfig):
         raise TypeError(f"get_or_train expects a vfnb.TrainConfig, got {type(config).__name__}")
     device = resolve_device(device)
+    if config.init_from is not None:  # the foundation first, outside this entry's lock
+        get_or_train(config.foundation, cache_dir, data_root, device, progress)
     try:  # a finished entry needs no lock (meta.json is written last), so a read-only zoo serves hits
         return load_entry(config, cache_dir, device)[0]
     except (FileNotFoundError, CorruptCheckpointError):
@@ -246,11 +248,11 @@ def get_or_train(config: TrainConfig, cache_dir: str | Path | None = None, data_
             warnings.warn(f"discarding a corrupt zoo entry and retraining: {exc}")
             (d / "meta.json").unlink(missing_ok=True)
         remove_stale_temps(d)  # left by a run killed in the middle of a write
-        return _train_entry(config, d, data_root, device, progress)
+        return _train_entry(config, d, data_root, device, progress, cache_dir)
 
 
 def _train_entry(config: TrainConfig, d: Path, data_root: str | Path | None, device: torch.device,
-                 progress: bool) -> nn.Module:
+                 progress: bool, cache_dir: str | Path | None = None) -> nn.Module:
     """Train ``config`` (resuming ``d/resume.pt``) and write its entry into ``d``; the caller holds the lock."""
     from .data import calibration_subset, load_dataset
 
@@ -260,8 +262,12 @@ def _train_entry(config: TrainConfig, d: Path, data_root: str | Path | None, dev
             raise ValueError(f"n_train={config.n_train} but {config.dataset} has {len(train_data)} training images")
         train_data = calibration_subset(train_data, config.n_train, seed=0)
     test_data = load_dataset(config.dataset, "test", root=data_root)
+    init_state = None
+    if config.init_from is not None:
+        init_state = load_entry(config.foundation, cache_dir, device)[0].state_dict()
     model, history = train(config, train_data, test_data, checkpoint=d / "resume.pt", device=device,
-                           progress=progress, snapshot_dir=d / SNAPSHOTS if config.snapshots else None)
+                           progress=progress, snapshot_dir=d / SNAPSHOTS if config.snapshots else None,
+                           init_state=init_state)
     weights = d / "model.safetensors"
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     atomic_save(state, weights, saver=lambda obj, p: save_file(obj, p))

@@ -41,6 +41,10 @@ def models_text(chapter: str, profile: str) -> str:
         return "every edge model of the book (see the zoo table)"
     if chapter == "conclusion":
         return "none: it gathers the other chapters' recorded claims"
+    if chapter == "multitask_merging":
+        return (f"{d['model']} (norm none), width ×{d['model_width']}: {len(d['seeds'])} foundations and "
+                f"{2 * len(d['tasks']) - 1} experts fine-tuned on {len(d['tasks'])} tasks for {d['finetune_epochs']} "
+                f"epoch(s)")
     if chapter == "training_recipe":
         archs = ", ".join(a.replace("VGG", d["model"]) for a in d["lr_archs"] if a != "ResNet20-LN")
         if "ResNet20-LN" in d["lr_archs"]:
