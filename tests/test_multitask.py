@@ -102,6 +102,7 @@ def test_merge_many_of_permuted_copies_is_the_model(method, strategy):
     merged = vfnb.merge_many(copies, method=method, strategy=strategy, data=x, example_input=x[:2])
     assert torch.allclose(merged(x), model(x), atol=1e-4)
     al = vfnb.align_many(copies, method=method, strategy=strategy, data=x, example_input=x[:2])
+    assert al.converged and al.rounds == (1 if strategy == "mean" else 0)  # exact copies: nothing left to change
     for m in al.aligned:
         for (k, v), w in zip(m.state_dict().items(), copies[0].state_dict().values()):
             assert torch.allclose(v, w, atol=1e-6), k
@@ -257,3 +258,36 @@ def test_init_from_fine_tunes_the_foundation_and_keeps_older_keys(tmp_path):
     assert any(not torch.equal(v, w) for v, w in zip(model.state_dict().values(), base.state_dict().values()))
     with pytest.raises(ValueError, match="init_state"):
         vfnb.train.train(expert, load_dataset("mnist5k-inverted", "train").subset(range(8)), progress=False)
+
+
+def test_multitask_and_tact_guard_the_heads_and_own_their_bodies():
+    e1, e2 = vgg(1), vgg(2)
+    x = [torch.randn(40, 1, 8, 8), torch.randn(40, 1, 8, 8)]
+    merged = vfnb.task_arithmetic(vfnb.average([e1, e2]), [e1, e2], 0.5)
+    head = merged.head
+    with pytest.raises(ValueError, match="heads are per task"):
+        vfnb.tact(merged, [e1, e2], x, layers=[vfnb.structure_of(e1).layers[0], head])
+    with pytest.raises(ValueError, match="corrections of the head"):
+        vfnb.MultiTask(merged.body, list(merged.heads), corrections=[{head: (torch.ones(4), torch.zeros(4))}] * 2)
+    with pytest.raises(ValueError, match="does not fit"):
+        vfnb.MultiTask(merged.body, [nn.Linear(merged.heads[0].in_features, 4, bias=False)])
+    corrected = vfnb.tact(merged, [e1, e2], x, names=["a", "b"])
+    assert corrected.body is not merged.body and corrected.names == ["a", "b"]
+    corrected.double()
+    assert merged(x[0], 0).dtype == torch.float32  # the merge it came from is untouched
+    # the corrections' layer names travel with the state dict
+    other = vfnb.tact(merged, [e1, e2], x, layers=vfnb.structure_of(e1).layers[:2])
+    with pytest.raises(ValueError, match="corrections are for layers"):
+        other.load_state_dict(corrected.state_dict())
+
+
+def test_init_from_refuses_data_of_another_shape_and_a_cached_expert_needs_no_foundation(tmp_path):
+    import shutil
+    found = vfnb.recipe("mlp", "smoke", width=8, depth=2, epochs=1, n_train=64)
+    with pytest.raises(ValueError, match="does not fit"):
+        found.replace(dataset="cifar10", init_from=found)
+    expert = found.replace(dataset="digits", init_from=found)
+    vfnb.get_or_train(expert, tmp_path, progress=False)
+    shutil.rmtree(vfnb.zoo.entry_dir(found, tmp_path))
+    vfnb.get_or_train(expert, tmp_path, progress=False)  # a hit: the foundation is not needed (nor retrained)
+    assert not vfnb.zoo.entry_dir(found, tmp_path).exists()

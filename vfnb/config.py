@@ -383,7 +383,7 @@ _TASKS = ["mnist5k-rot90", "mnist5k-inverted", "digits", "mnist5k-0to4", "mnist5
 EXPERIMENTS["multitask_merging"] = {
     "smoke": {**_DATA, "n_train": 512, "n_test": 128, "seeds": [0, 1, 2, 3], "tasks": _TASKS[:4], "model": "vgg11",
               "model_width": 0.0625, "epochs": 1, "lr": 0.1, "weight_decay": 1e-2, "batch_size": 128,
-              "finetune_epochs": 1, "finetune_lr": 0.05, "task_calib": 64, "scales": [0.5, 1.0], "ties_density": 0.2,
+              "finetune_epochs": 1, "finetune_lr": 0.05, "task_calib": 64, "scales": [0.5], "ties_density": 0.2,
               "n_grid": 3, "grid_max": 1.2, "n_tsne": 60},
     "cpu": {**_DATA, "n_train": None, "n_test": None, "seeds": [0, 1, 2, 3, 4], "tasks": _TASKS, "model": "vgg11",
             "model_width": 0.125, "epochs": 8, "lr": 0.1, "weight_decay": 1e-2, "batch_size": 128,

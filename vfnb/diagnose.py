@@ -380,7 +380,10 @@ def activation_gap(model: nn.Module, reference: nn.Module, data: Any, n_samples:
     ``reference`` must be in ``model``'s basis (an aligned expert)."""
     from .activations import inputs
     from .structure import structure_of
+    from .validate import check_same_architecture
+    check_same_architecture(reference, model)
     check_finite(model)
+    check_finite(reference, "reference")
     s = structure_of(reference)
     chosen = list(s.layers[:-1]) if layers is None else list(layers)
     after = {n: s.layers[s.layers.index(n) + 1] for n in chosen if n in s.layers and n != s.layers[-1]}

@@ -7,13 +7,15 @@ Two strategies align the models into one basis before they are averaged:
   (the star alignment the non-local paper uses for its experts);
 * ``"mean"``: Git Re-Basin's MergeMany. Start from the reference alignment; then, in a random order, each
   model is matched (from its original weights) to the average of the *other* aligned models, until a whole
-  round changes no permutation or ``max_rounds`` rounds have run.
+  round changes no permutation (``converged``) or ``max_rounds`` rounds have run. The rounds need not
+  converge: weight matching's descent finds local optima, and two models can keep trading places.
 
 The merged model is :func:`vfnb.merge.average` of the aligned models. The alignment keeps each model's
 permutation, so anything tied to a model (its foundation, its statistics) can follow it into the common basis.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,13 +39,18 @@ METHODS = ("weight", "activation")
 
 @dataclass
 class ManyAlignment:
-    """The result of :func:`align_many`: ``permutations[i]`` maps ``models[i]`` into the common basis
-    (the identity for the reference), and ``aligned[i]`` is that permuted copy."""
+    """The result of :func:`align_many`: ``permutations[i]`` maps ``models[i]`` into the common basis, and
+    ``aligned[i]`` is that permuted copy. With ``strategy="reference"`` the basis is the reference's (its
+    permutation is the identity); MergeMany rematches every model, the reference too, so its basis is that of
+    the last round. ``rounds`` counts MergeMany's
+    rounds (0 for the reference strategy); ``converged`` is False when they stopped at ``max_rounds`` with a
+    permutation still changing."""
     permutations: list[Permutation]
     aligned: list[nn.Module]
     strategy: str
     method: str
-    rounds: int
+    rounds: int = 0
+    converged: bool = True
 
     def merge(self, weights: Sequence[float] | None = None) -> nn.Module:
         """The weighted average of the aligned models (:func:`vfnb.merge.average`)."""
@@ -70,8 +77,8 @@ def _check_models(models: Sequence[nn.Module]) -> list[nn.Module]:
 def align_many(models: Sequence[nn.Module], *, method: str = "weight", strategy: str = "reference",
                reference: int = 0, data: Any = None, example_input: torch.Tensor | None = None,
                max_rounds: int = 10, seed: int = 0, progress: bool = False) -> ManyAlignment:
-    """Align ``models`` into the basis of ``models[reference]`` (weight or activation matching; see the module
-    docstring for the two strategies). Activation matching needs ``data``; weight matching needs only an
+    """Align ``models`` into one basis: that of ``models[reference]``, or MergeMany's (weight or activation
+    matching; see the module docstring for the two strategies). The models are not modified. Activation matching needs ``data``; weight matching needs only an
     ``example_input`` (taken from ``data`` if given, else a zero image of the model's input shape must be
     passed)."""
     models = _check_models(models)
@@ -100,11 +107,11 @@ def align_many(models: Sequence[nn.Module], *, method: str = "weight", strategy:
     others = [i for i in range(len(models)) if i != reference]
     for i in tqdm(others, desc="align to the reference", disable=not progress, leave=False):
         perms[i] = match(models[reference], models[i])
-    aligned = [m if i == reference else apply_permutation(m, perms[i]) for i, m in enumerate(models)]
-    rounds = 1
+    aligned = [copy.deepcopy(m) if i == reference else apply_permutation(m, perms[i]) for i, m in enumerate(models)]
+    rounds, converged = 0, True
     if strategy == "mean":
         rng = np.random.default_rng(seed)
-        for _ in range(max_rounds):
+        for _ in tqdm(range(max_rounds), desc="MergeMany rounds", disable=not progress, leave=False):
             changed = False
             for i in rng.permutation(len(models)):
                 rest = [aligned[j] for j in range(len(models)) if j != i]
@@ -112,14 +119,15 @@ def align_many(models: Sequence[nn.Module], *, method: str = "weight", strategy:
                 if p != perms[i]:
                     perms[i], aligned[i], changed = p, apply_permutation(models[i], p), True
             rounds += 1
-            if not changed:
+            converged = not changed
+            if converged:
                 break
-    return ManyAlignment(perms, aligned, strategy, method, rounds)
+    return ManyAlignment(perms, aligned, strategy, method, rounds, converged)
 
 
 def merge_many(models: Sequence[nn.Module], weights: Sequence[float] | None = None, *, method: str | None = "weight",
                strategy: str = "reference", reference: int = 0, data: Any = None,
-               example_input: torch.Tensor | None = None, seed: int = 0) -> nn.Module:
+               example_input: torch.Tensor | None = None, max_rounds: int = 10, seed: int = 0) -> nn.Module:
     """Merge N models: align them modulo permutation (:func:`align_many`; ``method=None`` skips the alignment,
     direct merging) and return θ = Σ_i w_i θ_i of the aligned models, ``weights`` normalized to sum 1
     (default: equal)."""
@@ -127,4 +135,4 @@ def merge_many(models: Sequence[nn.Module], weights: Sequence[float] | None = No
     if method is None:
         return average(models, weights)
     return align_many(models, method=method, strategy=strategy, reference=reference, data=data,
-                      example_input=example_input, seed=seed).merge(weights)
+                      example_input=example_input, max_rounds=max_rounds, seed=seed).merge(weights)

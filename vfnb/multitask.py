@@ -50,18 +50,28 @@ class _Affines(nn.Module):
         super().__init__()
         self.layers = list(corrections)
         for i, (scale, offset) in enumerate(corrections.values()):
-            self.register_buffer(f"scale{i}", scale.detach().float().clone())
-            self.register_buffer(f"offset{i}", offset.detach().float().clone())
+            self.register_buffer(f"scale{i}", scale.detach().clone())
+            self.register_buffer(f"offset{i}", offset.detach().clone())
 
     def as_dict(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {n: (getattr(self, f"scale{i}"), getattr(self, f"offset{i}")) for i, n in enumerate(self.layers)}
 
+    def get_extra_state(self) -> list[str]:  # the layer names travel with the state dict
+        return list(self.layers)
+
+    def set_extra_state(self, state: list[str]) -> None:
+        if list(state) != self.layers:
+            raise ValueError(f"these corrections are for layers {list(state)}, but this model corrects {self.layers}; "
+                             "build the MultiTask with the same layers before loading its state")
+
 
 class MultiTask(nn.Module):
     """One shared network (``body``, whose own head is not used) with a head per task, and optionally per-task
-    pre-activation corrections (TACT, :func:`vfnb.tact`). ``forward(x, task)`` runs the body with task ``task``'s
-    head and corrections folded in (``torch.func.functional_call``; the body is never modified);
-    :meth:`for_task` returns that network as an ordinary model for every other vfnb function.
+    pre-activation corrections of the shared layers (TACT, :func:`vfnb.tact`). ``forward(x, task)`` runs the body
+    with task ``task``'s head and corrections folded in (``torch.func.functional_call``; the body is never
+    modified, and runs in its own train/eval mode); :meth:`for_task` returns that network as an ordinary model in
+    eval mode for every other vfnb function. The MultiTask holds ``body`` itself, not a copy (the merges and
+    :func:`vfnb.tact` pass it a fresh one); the heads are copied.
     """
 
     def __init__(self, body: nn.Module, heads: Sequence[nn.Module], names: Sequence[str] | None = None,
@@ -73,17 +83,22 @@ class MultiTask(nn.Module):
         heads = list(heads)
         if not heads:
             raise ValueError("a MultiTask model needs at least one head")
+        want = {k: (p.shape, p.dtype) for k, p in template.named_parameters()}
         for i, h in enumerate(heads):
-            if type(h) is not type(template) or any(p.shape != q.shape for p, q in
-                                                     zip(h.parameters(), template.parameters())):
-                raise ValueError(f"head {i} ({h}) does not fit the body's last layer {self.head!r} ({template})")
+            if type(h) is not type(template) or {k: (p.shape, p.dtype) for k, p in h.named_parameters()} != want:
+                raise ValueError(f"head {i} ({h}) does not fit the body's last layer {self.head!r} ({template}): a head "
+                                 "needs the same type, parameter names, shapes and dtype")
         self.body = body
         self.heads = nn.ModuleList(copy.deepcopy(h) for h in heads)
         self.names = list(names) if names is not None else [f"task {i}" for i in range(len(heads))]
         if len(self.names) != len(heads):
             raise ValueError(f"{len(self.names)} task names for {len(heads)} heads")
-        if corrections is not None and len(corrections) != len(heads):
-            raise ValueError(f"{len(corrections)} sets of corrections for {len(heads)} tasks")
+        if corrections is not None:
+            if len(corrections) != len(heads):
+                raise ValueError(f"{len(corrections)} sets of corrections for {len(heads)} tasks")
+            if any(self.head in c for c in corrections):
+                raise ValueError(f"corrections of the head {self.head!r}: the heads are per task, so only the shared "
+                                 "layers are corrected (leave the head out of TACT's layers)")
         self.corrections = None if corrections is None else nn.ModuleList(_Affines(c) for c in corrections)
         self._structure: Structure | None = None
 
@@ -156,7 +171,11 @@ def task_vectors(base: nn.Module, experts: Sequence[nn.Module]) -> list[TaskVect
     experts = _check(base, experts)
     head = head_layer(base) + "."
     b = {k: v.detach() for k, v in base.named_parameters() if not k.startswith(head)}
-    return [{k: dict(e.named_parameters())[k].detach().to(v) - v for k, v in b.items()} for e in experts]
+    out = []
+    for e in experts:
+        p = dict(e.named_parameters())
+        out.append({k: p[k].detach().to(v) - v for k, v in b.items()})
+    return out
 
 
 def _apply(base: nn.Module, vector: TaskVector, experts: Sequence[nn.Module], names: Sequence[str] | None) -> MultiTask:
@@ -194,6 +213,10 @@ def ties_vector(vectors: Sequence[TaskVector], density: float) -> TaskVector:
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1] (the fraction of each task vector kept), got {density!r}")
     keys = list(vectors[0])
+    for i, tau in enumerate(vectors):
+        if list(tau) != keys or any(tau[k].shape != vectors[0][k].shape for k in keys):
+            raise ValueError(f"task vector {i} covers other parameters (or shapes) than task vector 0; take them all "
+                             "with task_vectors(base, experts) from one architecture")
     trimmed = []
     for tau in vectors:
         flat = torch.cat([tau[k].reshape(-1).double() for k in keys])

@@ -30,11 +30,14 @@ def tact(merged: MultiTask | nn.Module, experts: Sequence[nn.Module], task_data:
     """The merged network with TACT's per-task corrections: a :class:`~vfnb.multitask.MultiTask` whose
     ``forward(x, t)`` matches expert ``t``'s pre-activation statistics on ``task_data[t]`` (training images).
 
-    ``merged`` is a MultiTask (its heads are kept) or a plain merged network (then each expert's head is used).
+    ``merged`` is a MultiTask (its heads are kept) or a plain merged network (then each expert's head is used);
+    it is not modified, and the result holds its own copy of the body.
     ``layers`` defaults to REPAIR's (every layer but the head for a chain network); ``n_samples`` images of
     each task are used (``None``: all). ``targets`` (one :func:`vfnb.layer_stats` of each expert on its task's
     data) saves measuring the experts again when many merges are corrected toward the same experts.
     """
+    import copy
+
     experts, task_data = list(experts), list(task_data)
     if len(task_data) != len(experts):
         raise ValueError(f"{len(task_data)} datasets for {len(experts)} experts; pass one per task, in task order")
@@ -44,11 +47,14 @@ def tact(merged: MultiTask | nn.Module, experts: Sequence[nn.Module], task_data:
                              "(e.g. model.with_body(model.body))")
         if merged.num_tasks != len(experts):
             raise ValueError(f"the merged model has {merged.num_tasks} task heads but {len(experts)} experts were given")
-        base = merged
+        base = merged if names is None else MultiTask(merged.body, list(merged.heads), names)
     else:
         base = MultiTask.from_experts(merged, experts, names)
-    for i, e in enumerate(experts):
+    for e in experts:
         check_same_architecture(base.body, e)
+    if layers is not None and base.head in layers:
+        raise ValueError(f"layers include the head {base.head!r}: the heads are per task already, so TACT corrects "
+                         "only the shared layers")
     if targets is not None and len(targets) != len(experts):
         raise ValueError(f"{len(targets)} sets of target statistics for {len(experts)} experts; pass one per task")
     found = []
@@ -56,4 +62,4 @@ def tact(merged: MultiTask | nn.Module, experts: Sequence[nn.Module], task_data:
         goal = layer_stats(experts[t], task_data[t], layers, n_samples) if targets is None else targets[t]
         found.append(corrections(base.for_task(t), task_data[t], goal, shift=shift, layers=layers,
                                  n_samples=n_samples))
-    return MultiTask(base.body, list(base.heads), base.names, corrections=found)
+    return MultiTask(copy.deepcopy(base.body), list(base.heads), base.names, corrections=found)

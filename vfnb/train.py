@@ -83,6 +83,15 @@ class TrainConfig:
             if base.model != self.model or base.model_kwargs != self.model_kwargs:
                 raise ValueError(f"TrainConfig.init_from must be a configuration of the same architecture: it trains "
                                  f"{base.model} {base.model_kwargs}, this one {self.model} {self.model_kwargs}")
+            from .data import dataset_shape
+            try:
+                shapes = dataset_shape(base.dataset), dataset_shape(self.dataset)
+            except ValueError:
+                shapes = None  # an unknown dataset fails where it is loaded
+            if shapes is not None and shapes[0] != shapes[1]:
+                raise ValueError(f"TrainConfig.init_from: the foundation's data {base.dataset} (channels, side, classes "
+                                 f"{shapes[0]}) does not fit {self.dataset} {shapes[1]}; fine-tune on data of the same "
+                                 "shape and number of classes")
             object.__setattr__(self, "init_from", base.to_dict())
 
     def to_dict(self) -> dict[str, Any]:

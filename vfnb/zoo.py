@@ -232,12 +232,12 @@ def get_or_train(config: TrainConfig, cache_dir: str | Path | None = None, data_
     if not isinstance(config, TrainConfig):
         raise TypeError(f"get_or_train expects a vfnb.TrainConfig, got {type(config).__name__}")
     device = resolve_device(device)
-    if config.init_from is not None:  # the foundation first, outside this entry's lock
-        get_or_train(config.foundation, cache_dir, data_root, device, progress)
     try:  # a finished entry needs no lock (meta.json is written last), so a read-only zoo serves hits
         return load_entry(config, cache_dir, device)[0]
     except (FileNotFoundError, CorruptCheckpointError):
         pass
+    if config.init_from is not None:  # a fine-tuned model needs its foundation first, outside this entry's lock
+        get_or_train(config.foundation, cache_dir, data_root, device, progress)
     d = check_cache_writable(config, cache_dir)
     with entry_lock(config, cache_dir, progress):
         try:  # another process may have trained it while this one waited

@@ -247,6 +247,9 @@ def book_architectures(profile: str) -> list[tuple[str, str, str, dict[str, Any]
                                                           "layer_scale": CONVNEXT_LAYER_SCALE}))
     out.append(("ViT", "A.8.4", vt["dataset"], {"name": "vit", "width": vt["model_width"], "depth": vt["vit_depth"],
                                                  "num_heads": vt["num_heads"], "patch_size": vt["patch_size"]}))
+    mt = e["multitask_merging"]
+    out.append((f"{mt['model'].upper()} (foundations and experts)", "multi-task", mt["dataset"],
+                {"name": mt["model"], "norm": "none", "width": mt["model_width"]}))
     unique: dict[tuple, list] = {}
     for label, where, dataset, kw in out:  # one row per distinct network; a shared one lists every chapter
         key = (dataset, tuple(sorted(kw.items())))

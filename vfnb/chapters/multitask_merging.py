@@ -38,6 +38,8 @@ VARIANTS = ("local", "non-local", "modulo permutation", "+ REPAIR", "+ TACT", "+
 COLORS = {"local": "#2c3e50", "non-local": "#7f8c8d", "modulo permutation": "#c0392b", "+ REPAIR": "#e67e22",
           "+ TACT": "#27ae60", "+ linear probe": "#8e44ad"}
 METHODS = ("Task Arithmetic", "TIES")
+#: One colour per task in the per-task figures (distinct from the settings' colours).
+TASK_COLORS = ("#1f77b4", "#9467bd", "#8c564b", "#17becf", "#bcbd22")
 #: The landscapes of Figs. 1-2: setting -> what it merges.
 LANDSCAPES = ("local", "non-local", "modulo permutation", "modulo permutation + TACT")
 #: The experts' weight decay and schedule while fine-tuning (the learning rate and epochs are parameters).
@@ -45,6 +47,8 @@ FINETUNE = {"weight_decay": 5e-4, "schedule": "constant"}
 #: The landscapes evaluate n_grid² merges per setting, so they read at most this many of each task's test images
 #: (a fixed stratified subset); every other number uses all of them.
 LANDSCAPE_IMAGES = 500
+#: MergeMany's rounds at most (each round matches every foundation to the average of the others).
+MERGE_MANY_ROUNDS = 5
 #: "Most of the gap": TACT closes at least this fraction of the gap between the permuted non-local merge and the
 #: local one; "works": a merge keeps at least this much of the experts' accuracy on average.
 MOST = 0.5
@@ -260,13 +264,13 @@ def run(cfg: Config, progress: bool = True) -> MultiTaskResult:
     alignments = []
     for strategy in ("reference", "mean"):
         al = alignment if strategy == "reference" else align_many(founds, method="weight", strategy="mean",
-                                                                  example_input=x, seed=0)
+                                                                  example_input=x, seed=0, max_rounds=MERGE_MANY_ROUNDS)
         ex = [al.apply(i, e) for i, e in enumerate(nonlocal_)]
         mt = task_arithmetic(al.merge(), ex, picks["Task Arithmetic"]["modulo permutation"][n_tasks].scale)
         acc = _accuracies(mt, test)
         tacc = _accuracies(tact(mt, ex, calib), test)
         alignments.append({"alignment of the foundations": "to foundation 0" if strategy == "reference"
-                           else f"MergeMany ({al.rounds} rounds)",
+                           else f"MergeMany ({al.rounds} rounds, " + ("converged)" if al.converged else "not converged)"),
                            "foundations' average: accuracy": evaluate(al.merge(), ftest)["accuracy"],
                            f"TA of {n_tasks} tasks": float(np.mean([a / e for a, e in zip(acc, expert_acc['non-local'])])),
                            "+ TACT": float(np.mean([a / e for a, e in zip(tacc, expert_acc['non-local'])]))})
@@ -361,7 +365,7 @@ def plot_gap(res: MultiTaskResult):
     expert's task, and the ratio of their variances (log scale); solid: merged, dashed: + TACT."""
     from ..plots import figure
     fig, axes = figure(2, width=3.2, height=2.8)
-    cmap = [COLORS[v] for v in ("modulo permutation", "+ TACT", "+ REPAIR", "+ linear probe", "local")]
+    cmap = TASK_COLORS
     for t in range(res.gap_tasks):
         for k, ls in (("merged", "-"), ("TACT", "--")):
             rows = res.gap[k][t]
@@ -423,7 +427,7 @@ def plot_vf(res: MultiTaskResult):
     from ..plots import figure
     fig, axes = figure(1, width=6.4, height=2.8)
     ax = axes[0]
-    cmap = [COLORS[v] for v in ("modulo permutation", "+ TACT", "+ REPAIR", "+ linear probe", "local")]
+    cmap = TASK_COLORS
     for t in range(res.gap_tasks):
         for k, ls in (("merged", "-"), ("TACT", "--")):
             c = res.vf[k][t]
@@ -460,94 +464,141 @@ def _clip(v: float) -> float:
     return min(max(float(v), 0.0), 1.0)
 
 
-def _less(c: Claims, a: float, b: float, noise: tuple[float, float] | None = None) -> claims_mod.Verdict:
-    """``a < b`` beyond the binomial noise of two accuracies (normalized accuracies, or differences of them, may
-    leave [0, 1], so the margin is taken at the accuracies ``noise``, default ``a`` and ``b``, clipped)."""
+def _less(c: Claims, a: float, b: float, n: int, noise: tuple[float, float] | None = None) -> claims_mod.Verdict:
+    """``a < b`` beyond the binomial noise of two accuracies on ``n`` test images (normalized accuracies, and
+    differences of them, may leave [0, 1], so the margin is taken at the accuracies ``noise``, default ``a`` and
+    ``b``, clipped)."""
     x, y = noise if noise is not None else (a, b)
-    if abs(a - b) <= c.margin(_clip(x), _clip(y)):
+    if abs(a - b) <= c.margin(_clip(x), _clip(y), n):
         return claims_mod.TIE
     return bool(a < b)
 
 
+def _n(res: MultiTaskResult, tasks: int) -> int:
+    """Test images behind a normalized accuracy averaged over the first ``tasks`` tasks."""
+    return sum(len(d) for d in res.test[:tasks])
+
+
 def claims(res: MultiTaskResult) -> list[dict[str, str]]:
-    """The non-local paper's statements, checked at this scale."""
+    """The non-local paper's statements, checked at this scale, and the book's own on the vanishing feature."""
     ta = res.picks["Task Arithmetic"]
     N = max(ta["local"])
-    c = Claims(n=res.n_test)
+    nN, n2 = _n(res, N), _n(res, 2)
+    c = Claims()
     loc, nl, perm, tc = (ta[v][N].mean for v in ("local", "non-local", "modulo permutation", "+ TACT"))
     c.add(f"Local merging works: Task Arithmetic of experts fine-tuned from one foundation keeps most of their "
           f"accuracy ({N} tasks)", bool(loc >= MOST),
           f"average normalized accuracy {_pct(loc)} % (worst task {_pct(ta['local'][N].worst)} %)",
           paper="VGG16, 2 tasks: high accuracy in the span of the task vectors (Fig. 1 left)")
-    c.add("Non-local merging fails, with or without permutation",
-          claims_mod.all_of(_less(c, nl, loc), _less(c, perm, loc)),
+    c.add("Non-local merging fails, with or without permutation: it keeps less than half of the experts' accuracy, "
+          "below the local merge",
+          claims_mod.all_of(bool(max(nl, perm) < MOST), _less(c, nl, loc, nN), _less(c, perm, loc, nN)),
           f"non-local {_pct(nl)} %, modulo permutation {_pct(perm)} %, local {_pct(loc)} % ({N} tasks)",
           paper="Figs. 1-2 centre: low accuracy throughout the span")
-    closed = (tc - perm) / max(loc - perm, 1e-9)
-    c.add("TACT recovers most of the gap", bool(closed >= MOST),
-          f"+ TACT {_pct(tc)} %: {_pct(closed)} % of the gap from modulo permutation ({_pct(perm)} %) to local "
-          f"({_pct(loc)} %)", paper="Fig. 5 left; Fig. 2 right")
-    rep = ta["+ REPAIR"]
-    gain2, gainN = rep[2].mean - ta["modulo permutation"][2].mean, rep[N].mean - ta["modulo permutation"][N].mean
-    c.add("REPAIR degrades as tasks are added (it helps for few tasks, less for many)",
-          claims_mod.all_of(_less(c, rep[N].mean, rep[2].mean), _less(c, gainN, gain2, (rep[N].mean, rep[2].mean))),
+    if _less(c, perm, loc, nN) is not True:
+        verdict: claims_mod.Verdict = claims_mod.TIE
+        evidence = (f"no gap to recover: modulo permutation {_pct(perm)} % is not below local {_pct(loc)} % beyond "
+                    f"noise; + TACT {_pct(tc)} %")
+    else:
+        closed = (tc - perm) / (loc - perm)
+        verdict = bool(closed >= MOST)
+        evidence = (f"+ TACT {_pct(tc)} %: {_pct(closed)} % of the gap from modulo permutation ({_pct(perm)} %) to "
+                    f"local ({_pct(loc)} %)")
+    c.add("TACT recovers most of the gap", verdict, evidence, paper="Fig. 5 left; Fig. 2 right")
+    rep, plain = ta["+ REPAIR"], ta["modulo permutation"]
+    gain2, gainN = rep[2].mean - plain[2].mean, rep[N].mean - plain[N].mean
+    c.add("REPAIR helps when few tasks are merged and degrades as more are added",
+          claims_mod.all_of(_less(c, plain[2].mean, rep[2].mean, n2), _less(c, rep[N].mean, rep[2].mean, n2),
+                            _less(c, gainN, gain2, n2, (rep[N].mean, rep[2].mean))),
           f"+ REPAIR {_pct(rep[2].mean)} % at 2 tasks, {_pct(rep[N].mean)} % at {N}; its gain over the uncorrected merge "
           f"{100 * gain2:+.1f} points at 2 tasks, {100 * gainN:+.1f} at {N}", paper="Fig. 5 centre")
     lp = ta["+ linear probe"][N].mean
-    c.add("Linear probing of the heads helps less than TACT", _less(c, lp, tc),
+    c.add("Linear probing of the heads helps less than TACT", _less(c, lp, tc, nN),
           f"+ linear probe {_pct(lp)} %, + TACT {_pct(tc)} % ({N} tasks; both fitted on the same "
           f"{res.cfg.task_calib} training images per task)", paper="Fig. 5 right")
-    var_ratio = [res.gap["merged"][t][-1]["variance ratio"] for t in range(res.gap_tasks)]
-    eps = [float(res.vf["merged"][t].bound[-1]) for t in range(res.gap_tasks)]
-    eps_t = [float(res.vf["TACT"][t].bound[-1]) for t in range(res.gap_tasks)]
-    c.add("(this book) Variance collapse in the non-local merge is the vanishing feature: the feature vanishes "
-          "(ε_L < 0.5) on every task, and TACT revives it",
-          bool(max(eps) < 0.5 and min(eps_t) > max(eps)),
-          f"ε_L {', '.join(f'{e:.3f}' for e in eps)} before TACT, {', '.join(f'{e:.2f}' for e in eps_t)} after; "
-          f"variance ratio of the last hidden activations {', '.join(_small(v) for v in var_ratio)}")
+    k = res.gap_tasks
+    var, var_t = ([res.gap[m][t][-1]["variance ratio"] for t in range(k)] for m in ("merged", "TACT"))
+    eps, eps_t = ([float(res.vf[m][t].bound[-1]) for t in range(k)] for m in ("merged", "TACT"))
+    c.add(f"(this book) Variance collapse in the non-local merge is the vanishing feature: on every task the "
+          f"variance collapses (ratio < {COLLAPSE}) and the feature vanishes (ε_L < 0.5), and TACT reverses both "
+          f"(each at least {REVIVAL:g}× larger)",
+          _together(var, var_t, eps, eps_t),
+          f"ε_L {', '.join(_small(e) for e in eps)} before TACT, {', '.join(_small(e) for e in eps_t)} after; "
+          f"variance ratio of the last hidden activations {', '.join(_small(v) for v in var)} before, "
+          f"{', '.join(_small(v) for v in var_t)} after")
     return c.table()
 
 
+#: Variance collapse: the merged activations keep less than this fraction of the expert's variance; a reversal
+#: multiplies the variance ratio and ε_L by at least REVIVAL.
+COLLAPSE = 0.1
+REVIVAL = 10.0
+
+
+def _together(var: list[float], var_t: list[float], eps: list[float], eps_t: list[float]) -> bool:
+    """Both measures show the collapse on every task, and TACT reverses both on every task."""
+    return bool(max(var) < COLLAPSE and max(eps) < 0.5
+                and all(b >= REVIVAL * a for a, b in zip(var, var_t))
+                and all(b >= REVIVAL * a for a, b in zip(eps, eps_t)))
+
+
 def notes(res: MultiTaskResult) -> dict[str, str]:
-    """One Markdown paragraph per part of the chapter, with this run's numbers."""
+    """One Markdown paragraph per part of the chapter, with this run's numbers; every judgement in the text is
+    computed from them."""
     out: dict[str, str] = {}
     loc = [r for r in res.moved if r["setting"] == "local"]
     nl = [r for r in res.moved if r["setting"] == "non-local"]
     key = "‖θ_t − θ_found‖ / ‖θ_found‖"
+    far = max(res.moved, key=lambda r: r[key])
+    unable = [r for r in loc if r["foundation on the task"] < 0.5]
     out["experts"] = (
         f"The foundations reach {', '.join(_pct(a) for a in res.foundation_accuracy)} % on the digits they were "
         f"trained on. Fine-tuning moved the experts' weights by {min(r[key] for r in res.moved):.2f} to "
-        f"{max(r[key] for r in res.moved):.2f} of their foundation's norm, most for the tasks the foundation cannot "
-        f"do at all ({', '.join(r['task'] for r in loc if r['foundation on the task'] < 0.5)}: the foundation scores "
-        f"{', '.join(_pct(r['foundation on the task']) for r in loc if r['foundation on the task'] < 0.5)} % there). "
-        f"The local experts score {_pct(float(np.mean([r['expert accuracy'] for r in loc])))} % on average, the "
+        f"{far[key]:.2f} of their foundation's norm, most for {far['task']}. "
+        + (f"Foundation {loc[0]['foundation seed']} cannot do {', '.join(r['task'] for r in unable)} at all "
+           f"({', '.join(_pct(r['foundation on the task']) for r in unable)} %), and those experts moved "
+           f"{', '.join(f'{r[key]:.2f}' for r in unable)}. " if unable else "")
+        + f"The local experts score {_pct(float(np.mean([r['expert accuracy'] for r in loc])))} % on average, the "
         f"non-local ones {_pct(float(np.mean([r['expert accuracy'] for r in nl])))} %.")
     L = res.landscape
+    best = {s: (L[s]["mean"].max(), L[s]["worst"].max()) for s in LANDSCAPES}
+    ends = bool(np.isclose(res.grid, 1.0).any() and np.isclose(res.grid, 0.0).any())
+    lift = best["modulo permutation"][1] - best["non-local"][1]
+    lift_t = best["modulo permutation + TACT"][1] - best["modulo permutation"][1]
     out["landscape"] = (
         "Best average (worst-task) normalized accuracy over the grid: "
-        + "; ".join(f"{s} {_pct(L[s]['mean'].max())} % ({_pct(L[s]['worst'].max())} %)" for s in LANDSCAPES)
-        + ". The average landscape of the non-local merge is high only near the axes' ends, where the merge is one of "
-        "the experts (θ_base + τ_t = θ_t) and the other task is lost; its worst-case landscape shows this. Aligning the "
-        "foundations modulo permutation lifts the worst case, and TACT lifts it further"
-        + (", above the local merge's." if L["modulo permutation + TACT"]["worst"].max() > L["local"]["worst"].max()
-           else ", but not to the local merge's."))
+        + "; ".join(f"{s} {_pct(m)} % ({_pct(w)} %)" for s, (m, w) in best.items()) + ". "
+        + ("At λ = (1, 0) and (0, 1) a merge is one of its experts (θ_base + τ_t = θ_t), so its average there is about "
+           "half, whatever the setting; the worst-task landscape is the one that shows whether both tasks survive. "
+           if ends else "")
+        + f"Aligning the foundations modulo permutation {'lifts' if lift > 0.05 else 'barely changes'} the best worst "
+        f"case ({_pct(best['non-local'][1])} → {_pct(best['modulo permutation'][1])} %), and TACT "
+        f"{'lifts it further' if lift_t > 0.05 else 'barely changes it'} ({_pct(best['modulo permutation + TACT'][1])} %)"
+        + (", above the local merge's." if best["modulo permutation + TACT"][1] > best["local"][1] + 0.05 else
+           ", to about the local merge's." if best["modulo permutation + TACT"][1] > best["local"][1] - 0.05 else
+           ", below the local merge's."))
     ta = res.picks["Task Arithmetic"]
     N = max(ta["local"])
     k = res.gap_tasks
+    first = [res.gap["merged"][t][0]["variance ratio"] for t in range(k)]
     last = [res.gap["merged"][t][-1]["variance ratio"] for t in range(k)]
     last_t = [res.gap["TACT"][t][-1]["variance ratio"] for t in range(k)]
+    falls = all(b < a for a, b in zip(first, last))
     out["gap"] = (
-        f"Task Arithmetic of {k} tasks modulo permutation (λ = {ta['modulo permutation'][k].scale:g}). The variance "
-        f"of the merged activations, relative to the expert's, falls with depth: after the last hidden layer it is "
-        f"{', '.join(_small(v) for v in last)} for the {k} tasks. This is the variance collapse of the non-local "
-        f"paper. With TACT it is {', '.join(f'{v:.2f}' for v in last_t)}. TACT fixes the mean and standard deviation "
-        "of every channel before its ReLU, so the variance after ReLU and pooling need not be exactly 1. It moves the "
-        "activations themselves toward the expert's, too, but not onto them: they are different functions that "
-        "share the statistics.")
+        f"Task Arithmetic of {k} tasks modulo permutation (λ = {ta['modulo permutation'][k].scale:g}). Relative to the "
+        f"expert's, the variance of the merged activations is {', '.join(_small(v) for v in first)} after the first "
+        f"layer and {', '.join(_small(v) for v in last)} after the last hidden one"
+        + (": it falls with depth on every task, the variance collapse of the non-local paper. " if falls else
+           ": it does not fall with depth on every task. ")
+        + f"With TACT the last ratios are {', '.join(_small(v) for v in last_t)}. TACT fixes the mean and standard "
+        "deviation of every channel before its ReLU, so the variance after ReLU and pooling need not be exactly 1, "
+        "and it brings the activations closer to the expert's without making them equal: the two networks share "
+        "the statistics, not the function.")
     d = res.embedding_distance
     out["tsne"] = (
-        f"On {res.labels[0]}, the merged model's embeddings lie at a relative distance of {d['merged']:.2f} from the "
-        f"expert's (1 would be as far as the expert's embeddings are large), TACT's at {d['merged + TACT']:.2f}.")
+        f"On {res.labels[0]}, the merged network's embeddings lie at a relative distance of {d['merged']:.2f} from the "
+        f"expert's, TACT's at {d['merged + TACT']:.2f} (a distance of 1 is as large as the expert's embeddings "
+        "themselves).")
     rows = {v: ta[v][N] for v in VARIANTS}
     order = sorted(VARIANTS, key=lambda v: -rows[v].mean)
     ties = res.picks["TIES"]
@@ -557,20 +608,25 @@ def notes(res: MultiTaskResult) -> dict[str, str]:
         + f" of the experts' accuracy; TIES {', '.join(f'{_pct(ties[v][N].mean)} % ({v})' for v in order)}. "
         f"REPAIR corrects every task toward the average of the experts' statistics on all tasks' images; TACT "
         f"corrects each task toward its own expert, and the linear probe refits each head on the merged features "
-        f"({res.cfg.task_calib} labelled training images per task, as TACT uses).")
+        f"({res.cfg.task_calib} labelled training images per task, the images TACT uses).")
+    var = [res.gap["merged"][t][-1]["variance ratio"] for t in range(k)]
     eps = [float(res.vf["merged"][t].bound[-1]) for t in range(k)]
     eps_t = [float(res.vf["TACT"][t].bound[-1]) for t in range(k)]
+    size = ("a few per cent or less of" if max(eps) < 0.05 else "less than half of" if max(eps) < 0.5 else
+            "not much less than" if max(eps) < 1 else "as large as or larger than")
     out["vf"] = (
-        f"Before TACT, ε_L is {', '.join(f'{e:.3f}' for e in eps)}: the input-induced part of the merged model's "
-        f"output is "
-        + ("a few per cent or less" if max(eps) < 0.05 else "a fraction") + " of the expert's on its own task. After "
-        f"TACT it is {', '.join(f'{e:.2f}' for e in eps_t)}. So at this scale the two names describe one event: the "
-        "variance of the activations collapses layer after layer, which is the feature g(x) = f(x) − f(0) vanishing "
-        "(Definition 5.1 measures E‖g‖, the spread of the output around f(0)). TACT is REPAIR with per-task "
-        "targets, and like REPAIR it works by restoring that spread.")
+        f"Before TACT, ε_L is {', '.join(_small(e) for e in eps)}: the input-induced part of the merged network's "
+        f"output is {size} the expert's on its own task. After TACT it is {', '.join(_small(e) for e in eps_t)}. "
+        + ("In this run the two measures move together: on every task the variance collapses and the feature "
+           "vanishes, and TACT reverses both. That is expected rather than a coincidence: E‖g‖ measures the spread of "
+           "the output around f(0), and activations that lose their variance layer after layer lose that spread. "
+           "Variance collapse is the vanishing feature seen through second moments, and TACT, like REPAIR, works by "
+           "restoring it." if _together(var, last_t, eps, eps_t) else
+           "In this run the two measures do not move together on every task, so variance collapse and the "
+           "vanishing feature should be told apart here."))
     a = res.alignments
     out["alignment"] = (
-        f"Aligning every foundation to foundation 0 gives {a[0][f'TA of {N} tasks']:.1%} before TACT and "
-        f"{a[0]['+ TACT']:.1%} after; Git Re-Basin's MergeMany gives {a[1][f'TA of {N} tasks']:.1%} and "
-        f"{a[1]['+ TACT']:.1%}. The chapter uses the first, as the non-local paper does.")
+        f"Aligning every foundation to foundation 0 gives {_pct(a[0][f'TA of {N} tasks'])} % before TACT and "
+        f"{_pct(a[0]['+ TACT'])} % after; Git Re-Basin's MergeMany gives {_pct(a[1][f'TA of {N} tasks'])} % and "
+        f"{_pct(a[1]['+ TACT'])} %. The chapter uses the first, which costs one weight matching per foundation.")
     return out
