@@ -568,8 +568,9 @@ def notes(res: MultiTaskResult) -> dict[str, str]:
     out["landscape"] = (
         "Best average (worst-task) normalized accuracy over the grid: "
         + "; ".join(f"{s} {_pct(m)} % ({_pct(w)} %)" for s, (m, w) in best.items()) + ". "
-        + ("At λ = (1, 0) and (0, 1) a merge is one of its experts (θ_base + τ_t = θ_t), so its average there is about "
-           "half, whatever the setting; the worst-task landscape is the one that shows whether both tasks survive. "
+        + ("At λ = (1, 0) and (0, 1) a merge is one of its experts (θ_base + τ_t = θ_t), which does its own task and "
+           "the other only as well as that expert happens to, so the average landscape is never low there; the "
+           "worst-task landscape is the one that shows whether both tasks survive. "
            if ends else "")
         + f"Aligning the foundations modulo permutation {'lifts' if lift > 0.05 else 'barely changes'} the best worst "
         f"case ({_pct(best['non-local'][1])} → {_pct(best['modulo permutation'][1])} %), and TACT "
