@@ -120,6 +120,13 @@ def _accuracies(model: MultiTask, data: list[VisionData]) -> list[float]:
     return [evaluate(model.for_task(t), d)["accuracy"] for t, d in enumerate(data)]
 
 
+def accuracies(model: MultiTask, data: list[VisionData]) -> dict[str, float]:
+    """Test accuracy of a multi-task network on each task (``data[t]`` is task t's), labelled by task name, rounded
+    to 3 decimals."""
+    names = [TASK_LABELS.get(getattr(d, "name", ""), f"task {t}") for t, d in enumerate(data)]
+    return {n: round(a, 3) for n, a in zip(names, _accuracies(model, data))}
+
+
 def _merge(method: str, base: nn.Module, experts: list[nn.Module], scale: float | list[float],
            density: float) -> MultiTask:
     if method == "Task Arithmetic":
