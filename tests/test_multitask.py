@@ -291,3 +291,55 @@ def test_init_from_refuses_data_of_another_shape_and_a_cached_expert_needs_no_fo
     shutil.rmtree(vfnb.zoo.entry_dir(found, tmp_path))
     vfnb.get_or_train(expert, tmp_path, progress=False)  # a hit: the foundation is not needed (nor retrained)
     assert not vfnb.zoo.entry_dir(found, tmp_path).exists()
+
+
+def test_tall_masks_keep_the_entries_where_a_tasks_own_vector_dominates():
+    base, experts = mlp(0), [mlp(1), mlp(2), mlp(3)]
+    taus = vfnb.task_vectors(base, experts)
+    merged = vfnb.task_arithmetic(base, experts, 0.5)
+    masks = vfnb.tall_masks(base, experts, merged, lam=[0.2, 0.4, 0.6])
+    for lam, tau, m in zip([0.2, 0.4, 0.6], taus, masks):
+        for k in tau:
+            mtl = 0.5 * sum(t[k] for t in taus)
+            assert torch.equal(m[k], tau[k].abs() >= lam * (mtl - tau[k]).abs()), k
+    # each task's network is θ_base + m_t ∘ τ_MTL, with its own head
+    tall = vfnb.tall_merging(base, experts, scale=0.5, lam=0.4)
+    head = head_layer(base)
+    for t in range(3):
+        got = dict(tall.for_task(t).named_parameters())
+        for k, v in params(base).items():
+            if k.startswith(head + "."):
+                assert torch.equal(got[k], dict(experts[t].named_parameters())[k])
+            else:
+                mtl = 0.5 * sum(tv[k] for tv in taus)
+                want = v + vfnb.tall_masks(base, experts, merged, 0.4)[t][k].float() * mtl
+                assert torch.allclose(got[k], want, atol=1e-6), k
+        x = torch.randn(5, 6)
+        assert torch.allclose(tall(x, t), tall.for_task(t)(x), atol=1e-6)
+    # λ = 0 keeps every entry: Task Arithmetic itself; one expert at scale 1 is the expert
+    ta = vfnb.tall_merging(base, experts, scale=0.5, lam=0.0)
+    x = torch.randn(5, 6)
+    assert torch.allclose(ta(x, 1), merged(x, 1), atol=1e-6)
+    one = vfnb.tall_merging(base, experts[:1], scale=1.0, lam=0.7)
+    assert torch.allclose(one(x, 0), experts[0](x), atol=1e-5)
+
+
+def test_tact_on_a_tall_model_matches_each_experts_statistics_and_survives_a_state_dict_round_trip():
+    base, e1, e2 = vgg(0), vgg(1), vgg(2)
+    data = [torch.randn(200, 1, 8, 8), torch.randn(200, 1, 8, 8) + 0.5]
+    tall = vfnb.tall_merging(base, [e1, e2], scale=0.5, lam=0.4)
+    fixed = vfnb.tact(tall, [e1, e2], data)
+    assert fixed.masks is not None and fixed.body is not tall.body
+    for t, e in enumerate([e1, e2]):
+        want, got = vfnb.layer_stats(e, data[t]), vfnb.layer_stats(fixed.for_task(t), data[t])
+        for layer, (m, s) in want.items():
+            assert torch.allclose(got[layer][0], m, atol=1e-4, rtol=1e-3) and torch.allclose(got[layer][1], s,
+                                                                                             atol=1e-4, rtol=1e-3)
+        assert torch.allclose(fixed(data[t][:8], t), fixed.for_task(t)(data[t][:8]), atol=1e-5)
+    twin = vfnb.tact(vfnb.tall_merging(base, [e1, e2], scale=0.5, lam=0.4), [e1, e2], [d + 1 for d in data])
+    twin.load_state_dict(fixed.state_dict())
+    assert torch.allclose(twin(data[0][:8], 0), fixed(data[0][:8], 0))
+    with pytest.raises(ValueError, match="need the base"):
+        vfnb.MultiTask(tall.body, list(tall.heads), masks=[m.as_dict() for m in tall.masks])
+    with pytest.raises(ValueError, match="one network per task"):
+        tall.with_body(tall.body)

@@ -19,7 +19,7 @@ def test_the_readme_has_library_examples() -> None:
     calls = "".join(blocks)
     for name in ("interpolate", "activation_matching", "apply_permutation", "repair", "rescale", "vf_curve",
                  "preserve_first", "count_cost", "prune", "repair_pruned", "Fix", "ot_matching", "task_arithmetic",
-                 "ties_merging", "align_many", "tact", "linear_probe", "activation_gap", "merge_many"):
+                 "ties_merging", "tall_merging", "align_many", "tact", "linear_probe", "activation_gap", "merge_many"):
         assert f"vfnb.{name}" in calls, name
 
 
@@ -33,3 +33,4 @@ def test_the_readme_examples_run() -> None:
     assert 0 <= namespace["curve"].bound[-1]
     assert namespace["vit_pfm"].layers == 3 and namespace["ot"].reg == 0.1
     assert namespace["fixed"].num_tasks == 3 and namespace["logits"].shape == (1, 10)
+    assert namespace["tall"].masks is not None

@@ -37,8 +37,8 @@ from .flops import count_cost  # noqa: E402
 from .diagnose import LogitStats, VFCurve, activation_gap, bn_stats, logit_stats, vf_curve  # noqa: E402
 from .merge import average  # noqa: E402
 from .multimerge import ManyAlignment, align_many, merge_many  # noqa: E402
-from .multitask import (MultiTask, linear_probe, task_arithmetic, task_vectors, ties_merging,  # noqa: E402
-                        ties_vector)
+from .multitask import (MultiTask, linear_probe, tall_masks, tall_merging, task_arithmetic,  # noqa: E402
+                        task_vectors, ties_merging, ties_vector)
 from .tact import tact  # noqa: E402
 
 __all__ = [
@@ -54,5 +54,5 @@ __all__ = [
     "weight_sparsity", "prunable_layers", "pruning_targets", "count_cost",
     "VFCurve", "LogitStats", "vf_curve", "logit_stats", "bn_stats",
     "average", "ManyAlignment", "align_many", "merge_many", "MultiTask", "task_vectors", "task_arithmetic",
-    "ties_merging", "ties_vector", "linear_probe", "tact", "activation_gap",
+    "ties_merging", "ties_vector", "tall_masks", "tall_merging", "linear_probe", "tact", "activation_gap",
 ]

@@ -12,6 +12,10 @@ or for non-local experts the average of their foundations aligned modulo permuta
   (2) elect a sign per entry, the sign of the summed trimmed vectors (the side with more total mass);
   (3) disjoint mean: average each entry over the tasks whose trimmed entry is nonzero and agrees with the
   elected sign (0 where none does); ``θ = θ_base + λ·τ_TIES``.
+* **TALL masks** (Wang et al. 2024, "Localizing Task Information for Improved Model Merging and Compression"):
+  from the merged task vector ``τ_MTL`` (Task Arithmetic's ``λ Σ_t τ_t``), task ``t`` keeps the entries where
+  ``|τ_t| ≥ λ_t·|τ_MTL − τ_t|``, i.e. where its own task vector dominates the others' contribution; its network
+  is ``θ_base + m_t ∘ τ_MTL`` (one shared vector and one bit per weight and task).
 * **Linear probing** refits each task's head on the merged network's features (the head's input).
 """
 from __future__ import annotations
@@ -33,7 +37,7 @@ from .structure import Structure, structure_of
 from .validate import check_finite, check_same_architecture
 
 __all__ = ["MultiTask", "head_layer", "task_vectors", "task_arithmetic", "ties_merging", "ties_vector",
-           "linear_probe", "features"]
+           "tall_masks", "tall_merging", "linear_probe", "features"]
 
 TaskVector = dict[str, torch.Tensor]
 
@@ -65,17 +69,40 @@ class _Affines(nn.Module):
                              "build the MultiTask with the same layers before loading its state")
 
 
+class _Masks(nn.Module):
+    """One task's TALL masks ``{parameter: bool tensor}``, held as buffers with the names in the extra state."""
+
+    def __init__(self, masks: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.names = list(masks)
+        for i, m in enumerate(masks.values()):
+            self.register_buffer(f"mask{i}", m.detach().to(torch.bool).clone())
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, f"mask{i}") for i, n in enumerate(self.names)}
+
+    def get_extra_state(self) -> list[str]:
+        return list(self.names)
+
+    def set_extra_state(self, state: list[str]) -> None:
+        if list(state) != self.names:
+            raise ValueError(f"these masks cover {list(state)[:3]}..., this model's cover {self.names[:3]}...")
+
+
 class MultiTask(nn.Module):
     """One shared network (``body``, whose own head is not used) with a head per task, and optionally per-task
     pre-activation corrections of the shared layers (TACT, :func:`vfnb.tact`). ``forward(x, task)`` runs the body
     with task ``task``'s head and corrections folded in (``torch.func.functional_call``; the body is never
     modified, and runs in its own train/eval mode); :meth:`for_task` returns that network as an ordinary model in
     eval mode for every other vfnb function. The MultiTask holds ``body`` itself, not a copy (the merges and
-    :func:`vfnb.tact` pass it a fresh one); the heads are copied.
+    :func:`vfnb.tact` pass it a fresh one); the heads are copied. With TALL masks (:func:`tall_merging`), ``base``
+    holds θ_base and task ``t`` uses ``θ_base + m_t ∘ (θ_body − θ_base)`` on the masked parameters, before its
+    corrections are folded.
     """
 
     def __init__(self, body: nn.Module, heads: Sequence[nn.Module], names: Sequence[str] | None = None,
-                 corrections: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] | None = None) -> None:
+                 corrections: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
+                 masks: Sequence[Mapping[str, torch.Tensor]] | None = None, base: nn.Module | None = None) -> None:
         super().__init__()
         check_finite(body, "the merged body")
         self.head = head_layer(body)
@@ -100,6 +127,20 @@ class MultiTask(nn.Module):
                 raise ValueError(f"corrections of the head {self.head!r}: the heads are per task, so only the shared "
                                  "layers are corrected (leave the head out of TACT's layers)")
         self.corrections = None if corrections is None else nn.ModuleList(_Affines(c) for c in corrections)
+        if (masks is None) != (base is None):
+            raise ValueError("TALL masks need the base they are relative to (pass both masks and base, or neither)")
+        self.masks = self.base = None
+        if masks is not None:
+            check_same_architecture(body, base)
+            if len(masks) != len(heads):
+                raise ValueError(f"{len(masks)} sets of masks for {len(heads)} tasks")
+            shapes = {k: p.shape for k, p in body.named_parameters()}
+            for m in masks:
+                bad = [k for k, v in m.items() if k not in shapes or v.shape != shapes[k]]
+                if bad:
+                    raise ValueError(f"masks for {bad[:3]} do not match the body's parameters")
+            self.masks = nn.ModuleList(_Masks(m) for m in masks)
+            self.base = copy.deepcopy(base)
         self._structure: Structure | None = None
 
     @classmethod
@@ -118,7 +159,16 @@ class MultiTask(nn.Module):
     def with_body(self, body: nn.Module) -> "MultiTask":
         """The same heads (and no corrections) on another body of the same architecture (e.g. after REPAIR)."""
         check_same_architecture(self.body, body)
+        if self.masks is not None:
+            raise ValueError("a TALL-masked model has one network per task; correct each for_task(t) instead")
         return MultiTask(body, list(self.heads), self.names)
+
+    def with_corrections(self, corrections: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]],
+                         names: Sequence[str] | None = None) -> "MultiTask":
+        """A copy (own body) with per-task ``corrections`` (TACT), keeping heads and masks."""
+        masks = None if self.masks is None else [m.as_dict() for m in self.masks]
+        return MultiTask(copy.deepcopy(self.body), list(self.heads), names or self.names, corrections, masks,
+                         self.base)
 
     def task_index(self, task: int | str) -> int:
         if isinstance(task, str):
@@ -133,10 +183,14 @@ class MultiTask(nn.Module):
         """The parameters that differ from the body's for ``task``: its head, and its folded corrections."""
         t = self.task_index(task)
         params = {f"{self.head}.{k}": v for k, v in self.heads[t].named_parameters()}
+        if self.masks is not None:
+            body, base = dict(self.body.named_parameters()), dict(self.base.named_parameters())
+            for k, m in self.masks[t].as_dict().items():
+                params[k] = base[k] + m.to(body[k].dtype) * (body[k] - base[k])
         if self.corrections is not None:
             if self._structure is None:
                 self._structure = structure_of(self.body)
-            params.update(folded_parameters(self.body, self.corrections[t].as_dict(), self._structure))
+            params.update(folded_parameters(self.body, self.corrections[t].as_dict(), self._structure, params))
         return params
 
     def forward(self, x: torch.Tensor, task: int | str) -> torch.Tensor:
@@ -245,6 +299,30 @@ def ties_merging(base: nn.Module, experts: Sequence[nn.Module], density: float =
     (lam,) = _scales(scale, 1)
     vector = {k: lam * v for k, v in ties_vector(task_vectors(base, experts), density).items()}
     return _apply(base, vector, experts, names)
+
+
+def tall_masks(base: nn.Module, experts: Sequence[nn.Module], merged: MultiTask | nn.Module,
+               lam: float | Sequence[float] = 0.4) -> list[dict[str, torch.Tensor]]:
+    """TALL masks (Wang et al. 2024): per expert ``t``, ``m_t = |τ_t| ≥ λ_t·|τ_MTL − τ_t|`` entrywise, with
+    ``τ_MTL`` the merged network's task vector (``merged`` minus ``base``, heads excluded); ``lam`` is one λ or
+    one per expert."""
+    experts = _check(base, experts)
+    lams = _scales(lam, len(experts))
+    if any(v < 0 for v in lams):
+        raise ValueError(f"TALL's λ must be >= 0, got {lam!r}")
+    body = merged.body if isinstance(merged, MultiTask) else merged
+    (mtl,) = task_vectors(base, [body])
+    return [{k: tau[k].abs() >= l * (mtl[k] - tau[k]).abs() for k in tau}
+            for l, tau in zip(lams, task_vectors(base, experts))]
+
+
+def tall_merging(base: nn.Module, experts: Sequence[nn.Module], scale: float = 1.0,
+                 lam: float | Sequence[float] = 0.4, *, names: Sequence[str] | None = None) -> MultiTask:
+    """Task Arithmetic at ``scale`` with TALL masks: task ``t`` runs ``θ_base + m_t ∘ τ_MTL`` (:func:`tall_masks`)
+    with its own head; the MultiTask stores τ_MTL once (as its body) and one boolean mask per task."""
+    merged = task_arithmetic(base, experts, scale, names=names)
+    masks = tall_masks(base, experts, merged, lam)
+    return MultiTask(merged.body, list(merged.heads), merged.names, masks=masks, base=base)
 
 
 @torch.no_grad()

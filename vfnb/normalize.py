@@ -219,19 +219,24 @@ def _affine(stats_mean: torch.Tensor, stats_std: torch.Tensor, t_mean: torch.Ten
 
 
 def folded_parameters(model: nn.Module, corrections: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                      structure: Structure | None = None) -> dict[str, torch.Tensor]:
+                      structure: Structure | None = None,
+                      params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The parameters that change when each layer's pre-activation ``y`` becomes ``scale·y + offset``
     (``corrections = {layer: (scale, offset)}``, as :func:`corrections` returns them), as new tensors keyed
     like ``model.state_dict()``; the model is left untouched. The correction goes into the layer's weight and
     bias, or into the affine of the norm after it (:attr:`vfnb.structure.Structure.point`). REPAIR folds its
-    correction this way; TACT (:func:`vfnb.tact`) folds one task's corrections per forward pass."""
+    correction this way; TACT (:func:`vfnb.tact`) folds one task's corrections per forward pass. ``params``
+    (``{name: tensor}``) replaces the model's own values of those parameters before folding."""
     s = structure or structure_of(model)
     modules = dict(model.named_modules())
+    params = params or {}
     out: dict[str, torch.Tensor] = {}
     for layer, (scale, offset) in corrections.items():
         name = s.point[layer]
         point = modules[name]
         w, b = point.weight, point.bias
+        w = params.get(f"{name}.weight", w) if w is not None else None
+        b = params.get(f"{name}.bias", b) if b is not None else None
         if point is modules[layer]:
             if b is None and bool((offset != 0).any()):
                 raise ValueError(f"layer {layer!r} has no bias and no norm after it, so REPAIR's shift cannot be folded "

@@ -36,8 +36,6 @@ def tact(merged: MultiTask | nn.Module, experts: Sequence[nn.Module], task_data:
     each task are used (``None``: all). ``targets`` (one :func:`vfnb.layer_stats` of each expert on its task's
     data) saves measuring the experts again when many merges are corrected toward the same experts.
     """
-    import copy
-
     experts, task_data = list(experts), list(task_data)
     if len(task_data) != len(experts):
         raise ValueError(f"{len(task_data)} datasets for {len(experts)} experts; pass one per task, in task order")
@@ -47,7 +45,7 @@ def tact(merged: MultiTask | nn.Module, experts: Sequence[nn.Module], task_data:
                              "(e.g. model.with_body(model.body))")
         if merged.num_tasks != len(experts):
             raise ValueError(f"the merged model has {merged.num_tasks} task heads but {len(experts)} experts were given")
-        base = merged if names is None else MultiTask(merged.body, list(merged.heads), names)
+        base = merged
     else:
         base = MultiTask.from_experts(merged, experts, names)
     for e in experts:
@@ -62,4 +60,4 @@ def tact(merged: MultiTask | nn.Module, experts: Sequence[nn.Module], task_data:
         goal = layer_stats(experts[t], task_data[t], layers, n_samples) if targets is None else targets[t]
         found.append(corrections(base.for_task(t), task_data[t], goal, shift=shift, layers=layers,
                                  n_samples=n_samples))
-    return MultiTask(copy.deepcopy(base.body), list(base.heads), base.names, corrections=found)
+    return base.with_corrections(found, names)

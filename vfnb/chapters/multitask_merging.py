@@ -20,7 +20,7 @@ from ..diagnose import VFCurve, activation_gap, vf_curve
 from ..evaluate import evaluate
 from ..merge import average
 from ..multimerge import ManyAlignment, align_many
-from ..multitask import MultiTask, features, linear_probe, task_arithmetic, ties_merging
+from ..multitask import MultiTask, features, linear_probe, tall_merging, task_arithmetic, ties_merging
 from ..normalize import layer_stats, repair, weighted_stats
 from ..tact import tact
 from ..train import TrainConfig, recipe, state_distance
@@ -47,6 +47,8 @@ FINETUNE = {"weight_decay": 5e-4, "schedule": "constant"}
 #: The landscapes evaluate n_grid² merges per setting, so they read at most this many of each task's test images
 #: (a fixed stratified subset); every other number uses all of them.
 LANDSCAPE_IMAGES = 500
+#: TALL's λ candidates (one for all tasks, chosen on training images; Wang et al. search a similar range).
+TALL_LAMBDAS = (0.2, 0.4, 0.6)
 #: MergeMany's rounds at most (each round matches every foundation to the average of the others).
 MERGE_MANY_ROUNDS = 5
 #: "Most of the gap": TACT closes at least this fraction of the gap between the permuted non-local merge and the
@@ -101,6 +103,7 @@ class MultiTaskResult:
     embedding_distance: dict[str, float]               # model -> E‖z − z_expert‖ / E‖z_expert‖
     vf: dict[str, list[VFCurve]]                       # "merged"/"TACT" -> per task
     alignments: list[dict[str, Any]]                   # reference vs MergeMany
+    tall: list[dict[str, Any]]                         # TALL masks on all tasks, per setting
     n_test: int
     foundations: list[nn.Module]                       # one per seed
     local: list[nn.Module]                             # experts fine-tuned from foundations[0]
@@ -244,6 +247,30 @@ def run(cfg: Config, progress: bool = True) -> MultiTaskResult:
                                                   [a / e for a, e in zip(acc, expert_acc["non-local"])])
     t0 = tick("merging 2…N tasks (Fig. 5)", t0)
 
+    # ---- TALL masks on all tasks: Task Arithmetic's vector at its chosen λ, one mask per task
+    tall_rows = []
+    local_targets = [layer_stats(e, d) for e, d in zip(local, calib)]
+    for setting, base, experts, kind, goal in (("local", founds[0], local, "local", local_targets),
+                                               ("modulo permutation", average(alignment.aligned), aligned,
+                                                "non-local", targets)):
+        scale = picks["Task Arithmetic"][setting][n_tasks].scale
+        best_lam, best_score, best_model = None, -1.0, None
+        for lam in TALL_LAMBDAS:
+            model = tall_merging(base, experts, scale, lam)
+            score = float(np.mean([a / e for a, e in zip(_accuracies(model, calib), expert_calib[kind])]))
+            if score > best_score + 1e-12:
+                best_lam, best_score, best_model = lam, score, model
+        kept = [float(np.mean([float(m.float().mean()) for m in masks.as_dict().values()]))
+                for masks in best_model.masks]
+        row = {"setting": setting, "λ (TA)": scale, "λ (TALL)": best_lam,
+               "Task Arithmetic": picks["Task Arithmetic"][setting][n_tasks].mean}
+        for label, model in (("TALL masks", best_model),
+                             ("TALL masks + TACT", tact(best_model, experts, calib, targets=goal))):
+            row[label] = float(np.mean([a / e for a, e in zip(_accuracies(model, test), expert_acc[kind])]))
+        row["weights kept per task"] = float(np.mean(kept))
+        tall_rows.append(row)
+    t0 = tick("TALL masks", t0)
+
     # ---- Fig. 3, Fig. 4 and the vanishing feature: Task Arithmetic of (up to) 4 tasks modulo permutation
     k = min(4, n_tasks)
     merged = fits[("Task Arithmetic", k)]
@@ -285,7 +312,7 @@ def run(cfg: Config, progress: bool = True) -> MultiTaskResult:
     seconds["total"] = time.perf_counter() - t_all
     return MultiTaskResult(cfg, tasks, expert_acc, [evaluate(f, ftest)["accuracy"] for f in founds], moved, grid,
                            landscape, picks, gap, k, tsne, emb["expert"][1].numpy(), distance, vf, alignments,
-                           sum(len(d) for d in test), founds, local, nonlocal_, alignment, aligned, calib, test, seconds)
+                           tall_rows, sum(len(d) for d in test), founds, local, nonlocal_, alignment, aligned, calib, test, seconds)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -335,6 +362,17 @@ def vf_table(res: MultiTaskResult) -> list[dict[str, Any]]:
             row[f"ε_L{tag}"] = _small(float(res.vf[k][t].bound[-1]))
         rows.append(row)
     return rows
+
+
+def tall_table(res: MultiTaskResult) -> list[dict[str, Any]]:
+    """TALL masks on all tasks: average normalized accuracy (%) of Task Arithmetic, of its TALL-masked networks and
+    of those with TACT, the λs chosen on training images, and the share of weights each task's mask keeps."""
+    out = []
+    for r in res.tall:
+        out.append({k: (_pct(v) if isinstance(v, float) and k not in ("λ (TA)", "λ (TALL)") else v)
+                    for k, v in r.items()})
+        out[-1]["weights kept per task"] = f"{_pct(r['weights kept per task'])} %"
+    return out
 
 
 def alignment_table(res: MultiTaskResult) -> list[dict[str, Any]]:
@@ -632,6 +670,17 @@ def notes(res: MultiTaskResult) -> dict[str, str]:
            "restoring it." if _together(var, last_t, eps, eps_t) else
            "In this run the two measures do not move together on every task, so variance collapse and the "
            "vanishing feature should be told apart here."))
+    tl = {r["setting"]: r for r in res.tall}
+    out["tall"] = (
+        f"With all {N} tasks, the local TALL-masked networks keep {_pct(tl['local']['TALL masks'])} % of the experts' "
+        f"accuracy (Task Arithmetic alone {_pct(tl['local']['Task Arithmetic'])} %), each from "
+        f"{_pct(tl['local']['weights kept per task'])} % of the merged vector's entries. Modulo permutation they keep "
+        f"{_pct(tl['modulo permutation']['TALL masks'])} % (Task Arithmetic {_pct(tl['modulo permutation']['Task Arithmetic'])} "
+        f"%), and {_pct(tl['modulo permutation']['TALL masks + TACT'])} % with TACT. "
+        + ("Masks alone do not make the non-local merge work: they choose which entries each task keeps, but the kept "
+           "entries still sum vectors from different foundations."
+           if tl["modulo permutation"]["TALL masks"] < MOST else
+           "Here the masks alone make the non-local merge work."))
     a = res.alignments
     out["alignment"] = (
         f"Aligning every foundation to foundation 0 gives {_pct(a[0][f'TA of {N} tasks'])} % before TACT and "
