@@ -65,7 +65,7 @@ def test_ties_trims_elects_the_sign_of_the_total_mass_and_takes_the_disjoint_mea
     got = vfnb.ties_vector(vectors, density=0.5)
     assert torch.allclose(got["a"], torch.tensor([[2.5, -2.0], [-6.0, 2.0]]))
     assert torch.allclose(got["b"], torch.tensor([5.0, 2.5]))
-    # density 1 keeps everything; an entry whose elected sign nobody shares... cannot exist, but a zero sum gives 0
+    # density 1 keeps everything; an entry whose trimmed values sum to 0 elects no sign and stays 0
     tied = vfnb.ties_vector([{"a": torch.tensor([1.0, 2.0])}, {"a": torch.tensor([-1.0, 1.0])}], density=1.0)
     assert torch.allclose(tied["a"], torch.tensor([0.0, 1.5]))
 
@@ -239,6 +239,8 @@ def test_task_datasets_are_derived_from_the_embedded_digits():
     assert set(d_test.labels.tolist()) == set(range(10))
     for t in TASKS:
         assert vfnb.data.dataset_shape(t) == (1, 28, 10)
+    from vfnb.config import TASK_NAMES  # config cannot import data, so it lists the tasks again
+    assert set(TASK_NAMES) == set(TASKS)
 
 
 def test_init_from_fine_tunes_the_foundation_and_keeps_older_keys(tmp_path):

@@ -27,7 +27,7 @@ from torch import nn
 from .data import VisionData, calibration_subset
 
 __all__ = ["dtype_of", "to_model", "batches", "labelled_batches", "peek", "inputs", "chunks", "example_input", "lockstep",
-           "PairStats", "CrossMoments", "JointMoments", "collect_paired", "batch_moments", "merge_moments"]
+           "PairStats", "CrossMoments", "JointMoments", "collect_paired", "batch_moments", "merge_moments", "layer_outputs"]
 
 
 def dtype_of(model: nn.Module) -> torch.dtype:
@@ -391,3 +391,41 @@ def merge_moments(a: tuple[int, torch.Tensor, torch.Tensor] | None,
     n = na + nb
     delta = mb - ma
     return n, ma + delta * (nb / n), (va * na + vb * nb + delta * delta * (na * nb / n)) / n
+
+
+@torch.no_grad()
+def layer_outputs(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The outputs of the named modules for input ``x`` (one forward pass in eval mode; the mode is
+    restored). A name ``"<module>:input"`` reads the module's (first) input instead: e.g. the residual
+    stream of a pre-norm transformer where it enters a LayerNorm."""
+    out: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n.partition(":")[0] not in modules or n.partition(":")[2] not in ("", "input")]
+    if missing:
+        raise ValueError(f"model has no module(s) {missing} (a name is a module's, optionally with ':input')")
+    def first_input(n: str):
+        def hook(m, args, kwargs) -> None:
+            t = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+            if t is not None:
+                out[n] = t.detach()
+        return hook
+    hooks = []
+    for n in names:
+        mod, _, what = n.partition(":")
+        if what == "input":
+            hooks.append(modules[mod].register_forward_pre_hook(first_input(n), with_kwargs=True))
+        else:
+            hooks.append(modules[mod].register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o.detach())))
+    was_training = model.training
+    try:
+        model.eval()(to_model(x, model))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    silent = [n for n in names if n not in out]
+    if silent:
+        raise ValueError(f"module(s) {silent} never ran (or got no tensor input) in the forward pass: a container "
+                         "whose children are called directly, as in a traced PFM model, has no output of its own; "
+                         "name a leaf module")
+    return out

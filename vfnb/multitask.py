@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .activations import labelled_batches
+from .activations import labelled_batches, layer_outputs
 from .normalize import folded_parameters
 from .structure import Structure, structure_of
 from .validate import check_finite, check_same_architecture
@@ -148,7 +148,7 @@ class MultiTask(nn.Module):
                      corrections: Any = None) -> "MultiTask":
         """``body`` with each expert's own head."""
         head = head_layer(body)
-        for i, e in enumerate(experts):
+        for e in experts:
             check_same_architecture(body, e)
         return cls(body, [dict(e.named_modules())[head] for e in experts], names, corrections)
 
@@ -325,24 +325,15 @@ def tall_merging(base: nn.Module, experts: Sequence[nn.Module], scale: float = 1
     return MultiTask(merged.body, list(merged.heads), merged.names, masks=masks, base=base)
 
 
-@torch.no_grad()
 def features(model: nn.Module, data: Any, n_samples: int | None = None, batch_size: int = 1000
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """The input of ``model``'s head (the last-layer embedding; non-local paper Fig. 4) on ``data``, flattened per
-    sample, with the labels."""
-    head = dict(model.named_modules())[head_layer(model)]
-    got: list[torch.Tensor] = []
-    hook = head.register_forward_pre_hook(lambda m, args: got.append(args[0].detach().flatten(1).cpu()))
-    ys = []
-    was_training = model.training
-    try:
-        model.eval()
-        for x, y in labelled_batches(data, batch_size, model, n_samples):
-            model(x)
-            ys.append(y.cpu())
-    finally:
-        hook.remove()
-        model.train(was_training)
+    sample, with the labels (:func:`vfnb.activations.layer_outputs` per batch)."""
+    name = f"{head_layer(model)}:input"
+    got, ys = [], []
+    for x, y in labelled_batches(data, batch_size, model, n_samples):
+        got.append(layer_outputs(model, x, [name])[name].flatten(1).cpu())
+        ys.append(y.cpu())
     return torch.cat(got), torch.cat(ys)
 
 

@@ -215,14 +215,19 @@ def run(cfg: Config, progress: bool = True) -> MultiTaskResult:
     # ---- Fig. 5: normalized accuracy against the number of tasks merged
     picks: dict[str, dict[str, dict[int, Pick]]] = {m: {v: {} for v in VARIANTS} for m in METHODS}
     fits: dict[tuple[str, int], MultiTask] = {}
+    # per number of tasks, shared by both methods: the two bases and REPAIR's task-agnostic targets (the aligned
+    # experts' average statistics on all n tasks' training images)
+    per_n = {}
+    for n in range(2, n_tasks + 1):
+        mixed = torch.cat([inputs(d) for d in calib[:n]])
+        per_n[n] = (average(founds[:n]), average(alignment.aligned[:n]), mixed,
+                    weighted_stats([layer_stats(e, mixed) for e in aligned[:n]], [1.0] * n))
     jobs = [(m, n) for m in METHODS for n in range(2, n_tasks + 1)]
     for method, n in tqdm(jobs, desc="merging 2…N tasks", disable=not progress, leave=False):
-        mixed = torch.cat([inputs(d) for d in calib[:n]])
-        repair_targets = weighted_stats([layer_stats(e, mixed) for e in aligned[:n]], [1.0] * n)
-        base_perm = average(alignment.aligned[:n])
+        base_direct, base_perm, mixed, repair_targets = per_n[n]
         makers: dict[str, Callable[[float], MultiTask]] = {
             "local": lambda s: _merge(method, founds[0], local[:n], s, cfg.ties_density),
-            "non-local": lambda s: _merge(method, average(founds[:n]), nonlocal_[:n], s, cfg.ties_density),
+            "non-local": lambda s: _merge(method, base_direct, nonlocal_[:n], s, cfg.ties_density),
             "modulo permutation": lambda s: _merge(method, base_perm, aligned[:n], s, cfg.ties_density),
             "+ REPAIR": lambda s: (lambda mt: mt.with_body(repair(mt.body, data=mixed, targets=repair_targets)))(
                 _merge(method, base_perm, aligned[:n], s, cfg.ties_density)),
@@ -302,7 +307,7 @@ def run(cfg: Config, progress: bool = True) -> MultiTaskResult:
         ex = [al.apply(i, e) for i, e in enumerate(nonlocal_)]
         mt = task_arithmetic(al.merge(), ex, picks["Task Arithmetic"]["modulo permutation"][n_tasks].scale)
         acc = _accuracies(mt, test)
-        tacc = _accuracies(tact(mt, ex, calib), test)
+        tacc = _accuracies(tact(mt, ex, calib, targets=targets if strategy == "reference" else None), test)
         alignments.append({"alignment of the foundations": "to foundation 0" if strategy == "reference"
                            else f"MergeMany ({al.rounds} rounds, " + ("converged)" if al.converged else "not converged)"),
                            "foundations' average: accuracy": evaluate(al.merge(), ftest)["accuracy"],
