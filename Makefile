@@ -7,7 +7,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.vfnb-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv book test test-fast bench census clean distclean
+.PHONY: help venv book screenshots test test-fast bench census clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ venv: $(STAMP)  ## create the virtualenv and install requirements.txt + vfnb (ed
 
 book: $(STAMP)  ## execute every chapter at PROFILE and build the HTML book into OUT/html
 	$(PY) -m vfnb book --profile $(PROFILE) --out $(OUT)
+
+screenshots: $(STAMP)  ## full-page screenshots of every page of the built book (OUT/html) at 1280 px, with the browser test's checks
+	$(PY) tests/screenshots.py $(OUT)/html $(OUT)/screenshots
 
 test: $(STAMP)  ## all tests: unit, smoke run of every chapter, smoke book in headless chromium
 	$(PY) -m pytest -q

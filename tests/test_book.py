@@ -140,3 +140,97 @@ def test_cli_unknown_parameter_exits_2(capsys: pytest.CaptureFixture[str]) -> No
 def test_cli_list_shows_parameters(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["list", str(TINY_CHAPTER)]) == 0
     assert "tiny_chapter: profile='cpu', scale=None, label='tiny'" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- the static book's view
+def _widget_notebook(path: Path) -> None:
+    """A notebook with a tqdm progress bar (HBox > FloatProgress + HTML) and an explorer (VBox > slider +
+    Stack > Image, with a jslink), their state as ipywidgets saves it."""
+    def model(name: str, **state: object) -> dict:
+        return {"model_name": name, "model_module": "@jupyter-widgets/controls", "model_module_version": "2.0.0",
+                "state": state}
+    state = {
+        "bar": model("HBoxModel", children=["IPY_MODEL_label", "IPY_MODEL_progress"], layout="IPY_MODEL_bar_layout"),
+        "label": model("HTMLModel", value="rendering", layout="IPY_MODEL_label_layout"),
+        "progress": model("FloatProgressModel", value=3, layout="IPY_MODEL_shared_layout"),
+        "bar_layout": model("LayoutModel"), "label_layout": model("LayoutModel"),
+        "shared_layout": model("LayoutModel"),  # also used by the explorer: must survive
+        "box": model("VBoxModel", children=["IPY_MODEL_slider", "IPY_MODEL_stack"]),
+        "slider": model("SelectionSliderModel", layout="IPY_MODEL_shared_layout"),
+        "stack": model("StackModel", children=["IPY_MODEL_image"]), "image": model("ImageModel"),
+        "link": model("LinkModel", source=["IPY_MODEL_slider", "index"], target=["IPY_MODEL_stack", "selected_index"]),
+    }
+    view = lambda mid: nbformat.v4.new_output(  # noqa: E731
+        "display_data", data={book._WIDGET_VIEW: {"model_id": mid, "version_major": 2, "version_minor": 0},
+                              "text/plain": "widget"})
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("profile = 'cpu'", metadata={"tags": ["parameters"]})
+    injected = nbformat.v4.new_code_cell("profile = 'smoke'", metadata={"tags": ["injected-parameters"]})
+    run = nbformat.v4.new_code_cell("res = run()", outputs=[view("bar"), nbformat.v4.new_output("stream", text="done\n")])
+    explore = nbformat.v4.new_code_cell("explorer", outputs=[view("box")])
+    nb.cells = [params, injected, run, explore]
+    nb.metadata["widgets"] = {book._WIDGET_STATE: {"state": state, "version_major": 2, "version_minor": 0}}
+    nbformat.write(nb, path)
+
+
+def test_tidy_removes_progress_bars_and_hides_the_parameter_cells(tmp_path: Path) -> None:
+    path = tmp_path / "nb.ipynb"
+    _widget_notebook(path)
+    assert book.tidy_for_html(path) == {"progress bars": 1, "hidden cells": 2}
+    nb = nbformat.read(path, as_version=4)
+    assert [c.metadata.get("tags") for c in nb.cells[:2]] == [["parameters", "remove-cell"],
+                                                             ["injected-parameters", "remove-cell"]]
+    assert [o.output_type for o in nb.cells[2].outputs] == ["stream"]  # the bar's output is gone, the text stays
+    assert nb.cells[3].outputs[0].data[book._WIDGET_VIEW]["model_id"] == "box"
+    state = nb.metadata.widgets[book._WIDGET_STATE]["state"]
+    assert set(state) == {"shared_layout", "box", "slider", "stack", "image", "link"}
+    assert book.tidy_for_html(path) == {"progress bars": 0, "hidden cells": 0}  # idempotent
+
+
+def test_map_of_the_book_lists_every_toc_page(tmp_path: Path) -> None:
+    entries = book.toc_map()
+    assert [e["doc"] for e in entries] == book.toc_documents()
+    assert all(e["title"] and e["summary"] for e in entries)
+    by_stem = {e["doc"].stem: e for e in entries}
+    assert by_stem["02_preliminaries"]["claims"] and not by_stem["03_experimental_setup"]["claims"]
+    assert by_stem["02_preliminaries"]["summary"].startswith("Paper §2")  # the chapter module's docstring
+    html = book.map_html(current="01_introduction")
+    assert html.count("<li>") == len(entries) and "(this page)" in html
+    assert all(f'href="{e["page"]}"' in html for e in entries if e["doc"].stem != "01_introduction")
+    myst = book.map_myst(current="intro")
+    assert all(f"{{doc}}`{e['doc'].stem}`" in myst for e in entries if e["doc"].stem != "intro")
+
+
+def test_stage_replaces_the_map_marker_from_the_staged_toc(tmp_path: Path) -> None:
+    root = _fake_root(tmp_path / "src", ["01_a", "02_b"])
+    (root / "book" / "intro.md").write_text(f"# Intro\n\n## Chapters\n\n{book.MAP_MARKER}\n")
+    stage = book.prepare_stage(tmp_path / "out", only=["02"], root=root, js_cache=ROOT / "_build" / "js_cache")
+    text = (stage / "book" / "intro.md").read_text()
+    assert book.MAP_MARKER not in text and "{doc}`02_b`" in text and "01_a" not in text
+
+
+def test_config_shows_its_parameters_once_as_a_table() -> None:
+    import vfnb
+    cfg = vfnb.resolve("preliminaries", "smoke", alpha=0.3)
+    html = cfg._repr_html_()
+    for name, value in cfg._values.items():
+        if value is not None:
+            assert html.count(f"<code>{name}</code>") == 1
+    assert "0.3" in html and "profile smoke" in html
+
+
+def test_sphinx_extension_drops_thebe_and_adds_the_stylesheet() -> None:
+    from vfnb import sphinxext
+
+    class Asset(str):
+        def __new__(cls, filename: str | None, **attributes: str):
+            obj = super().__new__(cls, filename or "")
+            obj.filename, obj.attributes = filename, attributes
+            return obj
+    context = {"script_files": [Asset(None, body='const THEBE_JS_URL = "x"'), Asset("_static/sphinx-thebe.js"),
+                                Asset("_static/require.js")],
+               "css_files": [Asset("_static/sphinx-thebe.css"), Asset("_static/vfnb.css")]}
+    sphinxext._drop_thebe(None, "page", "page.html", context, None)
+    assert [a.filename for a in context["script_files"]] == ["_static/require.js"]
+    assert [a.filename for a in context["css_files"]] == ["_static/vfnb.css"]
+    assert (sphinxext.STATIC / sphinxext.CSS).is_file()

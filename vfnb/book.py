@@ -172,6 +172,88 @@ def check_parameters(path: Path, parameters: Mapping[str, Any]) -> None:
                         f"for {path.stem}; allowed: {', '.join(allowed)}")
 
 
+# --------------------------------------------------------------------------- the map of the book
+#: A line in a markdown page that :func:`prepare_stage` replaces with the map of the book.
+MAP_MARKER = "<!-- vfnb: map of the book -->"
+
+
+def _first_paragraph(text: str) -> str:
+    paragraph = []
+    for line in text.strip().splitlines():
+        if not line.strip():
+            if paragraph:
+                break
+            continue
+        if line.startswith("#"):
+            continue
+        paragraph.append(line.strip())
+    return " ".join(paragraph)
+
+
+def toc_map(root: Path | None = None, toc: Any = None) -> list[dict[str, Any]]:
+    """Every document of ``_toc.yml`` in reading order: ``doc`` (path), ``page`` (its HTML file name),
+    ``title`` (first heading), ``summary`` (the chapter module's docstring, else the page's first
+    paragraph) and ``claims`` (whether the chapter shows a claims table). Used by :func:`map_html` and
+    :func:`map_myst`, so the map of the book is never out of date. ``toc`` (a loaded ``_toc.yml``)
+    defaults to the one in ``root``."""
+    import ast
+    import json
+    import re
+
+    root = _root(root)
+    if toc is None:
+        toc = yaml.safe_load((root / "_toc.yml").read_text(encoding="utf-8"))
+    out = []
+    for doc in (_resolve_doc(root, entry) for entry in _toc_files(toc)):
+        if doc.suffix == ".ipynb":
+            cells = json.loads(doc.read_text(encoding="utf-8"))["cells"]
+            text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+            code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+            module = Path(__file__).resolve().parent / "chapters" / f"{chapter_id(doc)}.py"
+            summary = _first_paragraph(ast.get_docstring(ast.parse(module.read_text(encoding="utf-8"))) or "") \
+                if module.is_file() else ""
+            claims = bool(re.search(r"claims\.show\(|claims_html\(", code))
+        else:
+            text, summary, claims = doc.read_text(encoding="utf-8"), "", False
+        heading = next((ln.lstrip("#").strip() for ln in text.splitlines() if ln.startswith("# ")), doc.stem)
+        summary = summary or _first_paragraph(text)
+        summary = re.sub(r"(?::\w+:)?``?([^`]+)``?", r"`\1`", summary)  # rST literals and roles as code
+        summary = re.split(r"(?<=[.!?])\s+(?=[A-Z*`])", summary, maxsplit=1)[0]  # the first sentence
+        out.append({"doc": doc, "page": doc.with_suffix(".html").name, "title": heading,
+                    "summary": summary, "claims": claims})
+    return out
+
+
+def map_html(root: Path | None = None, current: str | None = None) -> str:
+    """The map of the book as an HTML list of links (pages beside each other in ``book/``), from
+    :func:`toc_map`; ``current`` (a document stem) is marked as this page."""
+    import html
+    import re
+
+    items = []
+    for e in toc_map(root):
+        title = html.escape(e["title"])
+        link = f"<strong>{title}</strong> (this page)" if e["doc"].stem == current else \
+            f'<a href="{e["page"]}"><strong>{title}</strong></a>'
+        summary = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(e["summary"]))
+        summary = re.sub(r"\*([^*]+)\*", r"<em>\1</em>", summary)
+        tail = " It ends with a claims table." if e["claims"] else ""
+        items.append(f"<li>{link}: {summary}{tail}</li>")
+    return f'<ul class="vfnb-map">{"".join(items)}</ul>'
+
+
+def map_myst(root: Path | None = None, toc: Any = None, current: str | None = None) -> str:
+    """The map of the book as a MyST list of ``{doc}`` links, from :func:`toc_map` (for markdown pages;
+    ``current``, the page's own stem, is left out)."""
+    lines = []
+    for e in toc_map(root, toc):
+        if e["doc"].stem == current:
+            continue
+        tail = " It ends with a claims table." if e["claims"] else ""
+        lines.append(f"- {{doc}}`{e['doc'].stem}`: {e['summary']}{tail}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- running chapters
 @contextmanager
 def _importable() -> Iterator[None]:
@@ -348,7 +430,10 @@ def prepare_stage(out_dir: str | os.PathLike = "_build", only: Iterable[str | os
         if doc.suffix == ".md":
             target = stage / doc.relative_to(root)
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(doc, target)
+            text = doc.read_text(encoding="utf-8")
+            if MAP_MARKER in text:  # generated from the staged toc, so it lists exactly what is built
+                text = text.replace(MAP_MARKER, map_myst(root, toc, current=doc.stem))
+            target.write_text(text, encoding="utf-8")
     book_dir = root / "book"
     if book_dir.is_dir():  # images and other assets the pages refer to
         for asset in book_dir.rglob("*"):
@@ -368,13 +453,89 @@ def prepare_stage(out_dir: str | os.PathLike = "_build", only: Iterable[str | os
     return stage
 
 
+#: Cell tags of the cells a reader of the static book does not need: the parameters cell and the cell
+#: papermill injects. The chapter shows its resolved configuration once, as a table, instead.
+HIDDEN_TAGS = ("parameters", "injected-parameters")
+_WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+_PROGRESS_MODELS = ("FloatProgressModel", "IntProgressModel")
+
+
+def _model_refs(value: Any) -> Iterator[str]:
+    """Model ids a widget state value refers to (``"IPY_MODEL_<id>"`` strings, nested anywhere)."""
+    if isinstance(value, str) and value.startswith("IPY_MODEL_"):
+        yield value.removeprefix("IPY_MODEL_")
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _model_refs(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _model_refs(v)
+
+
+def tidy_for_html(notebook: str | os.PathLike) -> dict[str, int]:
+    """Prepare an executed chapter for the static book, in place; return what was removed.
+
+    - Progress bars (tqdm's widget: an ``HBox`` holding a ``FloatProgress``) are for live runs: their
+      outputs and widget state are removed, so they leave no blank band in the page.
+    - The ``parameters`` cell and papermill's injected cell get the ``remove-cell`` tag (the chapter
+      displays its resolved configuration right after them).
+
+    Live notebooks and ``vfnb run`` outputs keep both; only :func:`render_book` calls this.
+    """
+    import nbformat
+
+    path = Path(notebook)
+    nb = nbformat.read(path, as_version=4)
+    store = nb.metadata.get("widgets", {}).get(_WIDGET_STATE, {})
+    state = store.get("state", {})
+    bars = {mid for mid, m in state.items() if m.get("model_name") == "HBoxModel"
+            and any(state.get(c, {}).get("model_name") in _PROGRESS_MODELS
+                    for c in _model_refs(m.get("state", {}).get("children", [])))}
+    removed = {"progress bars": 0, "hidden cells": 0}
+    for cell in nb.cells:
+        tags = cell.metadata.get("tags", [])
+        if any(t in tags for t in HIDDEN_TAGS) and "remove-cell" not in tags:
+            cell.metadata["tags"] = [*tags, "remove-cell"]
+            removed["hidden cells"] += 1
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for out in cell.get("outputs", []):
+            view = out.get("data", {}).get(_WIDGET_VIEW) if out.get("output_type") == "display_data" else None
+            if view and view.get("model_id") in bars:
+                removed["progress bars"] += 1
+                continue
+            kept.append(out)
+        cell.outputs = kept
+    if bars:  # drop the bars' models and the models (layouts, styles, labels) that only they refer to
+        dead, todo = set(), list(bars)
+        while todo:
+            mid = todo.pop()
+            if mid not in dead:
+                dead.add(mid)
+                todo.extend(_model_refs(state.get(mid, {}).get("state", {})))
+        while True:  # keep anything a surviving model still refers to
+            kept_refs = {r for mid, m in state.items() if mid not in dead for r in _model_refs(m.get("state", {}))}
+            if not dead & kept_refs:
+                break
+            dead -= kept_refs
+        store["state"] = {mid: m for mid, m in state.items() if mid not in dead}
+    nbformat.write(nb, path)
+    return removed
+
+
 def render_book(stage: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
-    """Run ``jupyter-book build --all -W --keep-going`` on a stage; return ``index.html``.
+    """Tidy the staged chapters (:func:`tidy_for_html`), then run ``jupyter-book build --all -W --keep-going``
+    on the stage; return ``index.html``.
 
     The HTML lands in ``<out_dir>/html`` (default: the stage's parent).
     """
     stage = Path(stage).resolve()
     out = Path(out_dir).resolve() if out_dir else stage.parent
+    for notebook in sorted(stage.rglob("*.ipynb")):
+        if "_build" not in notebook.relative_to(stage).parts:
+            tidy_for_html(notebook)
     built = stage / "_build"
     if built.exists():
         shutil.rmtree(built)

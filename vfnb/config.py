@@ -459,6 +459,19 @@ class Config(Mapping[str, Any]):
         body = ", ".join(f"{k}={v!r}" for k, v in self._values.items())
         return f"Config({self.experiment!r}, {body})"
 
+    def _repr_html_(self) -> str:
+        """The parameters once, compactly: a two-pair-per-row table (how notebooks and the book show a config)."""
+        import html
+        items = [(k, v) for k, v in self._values.items() if v is not None]
+        pairs = [items[i:i + 2] for i in range(0, len(items), 2)]
+        rows = "".join("<tr>" + "".join(f"<td><code>{html.escape(k)}</code></td><td>{html.escape(repr(v))}</td>"
+                                        for k, v in pair) + "</tr>" for pair in pairs)
+        return (f'<div class="vfnb-table vfnb-config" style="overflow-x:auto;max-width:100%"><table class="table">'
+                f"<caption>Parameters of this run ({html.escape(self.experiment)}, profile "
+                f"{html.escape(str(self._values.get('profile')))}). Change them with "
+                f"<code>vfnb run CHAPTER -p NAME VALUE</code> or in the notebook's parameters cell.</caption>"
+                f"<tbody>{rows}</tbody></table></div>")
+
     def replace(self, **changes: Any) -> "Config":
         """A copy with ``changes`` applied, validated again by :func:`resolve` (same checks, same
         messages). As in :func:`resolve`, ``None`` restores the profile's default. The profile cannot

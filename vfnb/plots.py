@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import matplotlib.pyplot as plt
+from cycler import cycler
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -14,11 +15,79 @@ from .diagnose import FeatureBias, LogitStats, VFCurve
 COLORS = {"merged": "#c0392b", "edge": "#2c3e50", "edge0": "#2980b9", "edge1": "#27ae60",
           "h": "#8e44ad", "rescaled": "#e67e22"}
 
+#: One colour per method, the same in every chapter (:func:`color` looks names up, with their usual
+#: abbreviations). Curves that are not methods (edge models, tasks, seeds) use :data:`CYCLE`.
+METHOD_COLORS = {
+    # no alignment, no fix
+    "direct": "#7f8c8d",
+    # alignments
+    "weight matching": "#1f77b4", "activation matching": "#2ca02c", "ZipIt!": "#bcbd22",
+    "OT fusion": "#8c564b", "CCA": "#17a589",
+    # post-merging (and post-pruning) fixes
+    "REPAIR": "#d62728", "RESCALE": "#9467bd", "RESET": "#17becf", "bias removal": "#e377c2",
+    "bias calibration": "#ff7f0e",
+    # beyond
+    "PFM": "#0e6655", "TACT": "#e7ba52", "TALL masks": "#7b4173",
+    # pruners
+    "global magnitude": "#393b79", "layerwise magnitude": "#6b6ecf", "Wanda": "#637939",
+    "diagonal Fisher": "#843c39",
+}
+#: Other names of the methods above.
+METHOD_ALIASES = {"no normalization": "direct", "direct merging": "direct", "plain": "direct", "none": "direct",
+                  "wm": "weight matching", "am": "activation matching", "zipit": "ZipIt!", "ot": "OT fusion",
+                  "ot fusion (activations)": "OT fusion", "magnitude": "global magnitude", "fisher": "diagonal Fisher",
+                  "preserve-first merging": "PFM", "partial zip": "ZipIt!",
+                  "partial zipping": "ZipIt!"}
+#: Line colours for curves that are not methods: 20 distinguishable colours (matplotlib's tab20, dark
+#: shades first), so a figure with up to 20 lines never repeats one.
+CYCLE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+         "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7",
+         "#dbdb8d", "#9edae5")
+
+#: Width of the book's text column at a 1280-px window, in pixels, and the resolution figures are
+#: saved at: a figure at most ``COLUMN_PX / DPI`` inches wide is shown at its natural size, so its
+#: 8-9 pt text stays 8-9 pt on screen.
+COLUMN_PX = 670
+DPI = 100
+COLUMN_IN = COLUMN_PX / DPI
+#: The narrowest axes :func:`figure` makes when it shrinks panels to fit the column; narrower panels
+#: are stacked instead.
+MIN_AXES_IN = 2.6
+
 STYLE = {
-    "figure.dpi": 100, "savefig.dpi": 100, "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
+    "figure.dpi": DPI, "savefig.dpi": DPI, "font.size": 9, "axes.titlesize": 9.5, "axes.labelsize": 9,
     "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
     "legend.fontsize": 8, "legend.frameon": False, "lines.linewidth": 1.6, "lines.markersize": 4,
+    "axes.prop_cycle": cycler(color=CYCLE),
 }
+
+
+def color(name: str, fallback: int = 0) -> str:
+    """The colour of a method in every figure of the book (:data:`METHOD_COLORS`).
+
+    Case and abbreviations do not matter (``"WM"``, ``"weight matching"``); a leading ``"+ "`` is dropped.
+    A combination ``"<method> + <fix>"`` takes its first method's colour (figures draw the fix dashed), and
+    a label that starts with a method (``"REPAIR (weight matching)"``) takes that method's. Anything else
+    takes ``CYCLE[fallback]``."""
+    lower = {k.lower(): k for k in METHOD_COLORS}
+
+    def lookup(text: str) -> str | None:
+        key = text.strip().removeprefix("+").strip().lower()
+        key = METHOD_ALIASES.get(key, lower.get(key, key)).lower()
+        return METHOD_COLORS[lower[key]] if key in lower else None
+
+    first = name.split(" + ")[0] if " + " in name.strip().removeprefix("+") else name
+    found = lookup(first)
+    if found is None:
+        words = first.strip().removeprefix("+").strip().lower()
+        starts = [k for k in (*lower, *METHOD_ALIASES) if words.startswith(k + " ") or words.startswith(k + ",")]
+        found = lookup(max(starts, key=len)) if starts else None
+    return found or CYCLE[fallback % len(CYCLE)]
+
+
+def is_fixed(name: str) -> bool:
+    """Whether a curve's name is ``"<method> + <fix>"`` (drawn dashed in the method's colour)."""
+    return " + " in name.strip().removeprefix("+")
 
 
 @contextmanager
@@ -28,27 +97,139 @@ def style() -> Iterator[None]:
         yield
 
 
+def _data_points(ax) -> tuple[np.ndarray, list]:
+    """Display coordinates of what ``ax`` draws (line vertices and points along segments, markers, bar
+    corners), and the filled paths (bands), for :func:`clear_legends`."""
+    from matplotlib.collections import LineCollection, PathCollection, PolyCollection
+    points, areas = [np.empty((0, 2))], []
+
+    def along(xy: np.ndarray) -> np.ndarray:
+        if len(xy) < 2:
+            return xy
+        t = np.linspace(0.0, 1.0, 16)[:, None, None]
+        return (xy[:-1][None] * (1 - t) + xy[1:][None] * t).reshape(-1, 2)
+
+    for line in ax.get_lines():
+        if not line.get_visible() or line.get_label() == "_vfnb_ignore":
+            continue
+        xy = line.get_transform().transform(np.asarray(line.get_xydata(), float))
+        joined = line.get_linestyle() not in ("None", "none", "", " ")
+        points.append(along(xy) if joined else xy)
+    for coll in ax.collections:
+        if not coll.get_visible():
+            continue
+        if isinstance(coll, PathCollection) and len(coll.get_offsets()):  # scatter markers
+            points.append(coll.get_offset_transform().transform(np.asarray(coll.get_offsets(), float)))
+        elif isinstance(coll, (LineCollection, PolyCollection)):
+            for path in coll.get_paths():
+                xy = coll.get_transform().transform(path.vertices)
+                points.append(along(xy) if isinstance(coll, LineCollection) else xy)
+                if isinstance(coll, PolyCollection):
+                    areas.append(path.transformed(coll.get_transform()))
+    for patch in ax.patches:  # bars
+        if patch.get_visible():
+            b = patch.get_window_extent()
+            points.append(np.array([[b.x0, b.y0], [b.x1, b.y1], [b.x0, b.y1], [b.x1, b.y0],
+                                    [(b.x0 + b.x1) / 2, (b.y0 + b.y1) / 2]]))
+    xy = np.concatenate(points)
+    return xy[np.isfinite(xy).all(1)], areas
+
+
+def _covers(box, points: np.ndarray, areas: list) -> bool:
+    inside = ((points[:, 0] >= box.x0 - 2) & (points[:, 0] <= box.x1 + 2)
+              & (points[:, 1] >= box.y0 - 2) & (points[:, 1] <= box.y1 + 2))
+    if inside.any():
+        return True
+    corners = [(box.x0, box.y0), (box.x1, box.y1), (box.x0, box.y1), (box.x1, box.y0),
+               ((box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2)]
+    return any(a.contains_point(c) for a in areas for c in corners)
+
+
+_INSIDE = ("upper right", "upper left", "lower left", "lower right", "center right", "center left",
+           "upper center", "lower center")
+
+
+def legend_covers_data(ax) -> bool:
+    """Whether the legend of ``ax`` lies over anything the axes draws."""
+    leg = ax.get_legend()
+    if leg is None or not leg.get_visible():
+        return False
+    points, areas = _data_points(ax)
+    return _covers(leg.get_window_extent(), points, areas)
+
+
+def clear_legends(fig: Figure) -> list[str]:
+    """Move every axes legend that covers data: to the first free corner or edge of its axes, else outside
+    on the right (the constrained layout makes room). Called on every figure the book shows
+    (:class:`BookFigure`, :func:`vfnb.widgets.to_png`); returns what moved, for tests."""
+    moved = []
+    if not any(ax.get_legend() is not None for ax in fig.axes):
+        return moved
+    fig.draw_without_rendering()
+    for ax in fig.axes:
+        leg = ax.get_legend()
+        if leg is None or not legend_covers_data(ax):
+            continue
+        points, areas = _data_points(ax)
+        for loc in _INSIDE:
+            leg.set_bbox_to_anchor(None)
+            leg.set_loc(loc)
+            fig.draw_without_rendering()
+            if not _covers(leg.get_window_extent(), points, areas):
+                moved.append(f"{ax.get_title() or 'axes'}: {loc}")
+                break
+        else:
+            leg.set_loc("upper left")
+            leg.set_bbox_to_anchor((1.02, 1.0), transform=ax.transAxes)
+            moved.append(f"{ax.get_title() or 'axes'}: outside")
+            fig.draw_without_rendering()
+            points, areas = _data_points(ax)  # the axes shrank to make room
+    return moved
+
+
 class BookFigure(Figure):
-    """A matplotlib Figure that notebooks display as a PNG when a cell returns it."""
+    """A matplotlib Figure that notebooks display as a PNG when a cell returns it (legends moved off the
+    data first, :func:`clear_legends`)."""
 
     def _repr_png_(self) -> bytes:
         import io
+        clear_legends(self)
         buf = io.BytesIO()
-        self.savefig(buf, format="png", bbox_inches="tight")
+        self.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.05, dpi=DPI)
         return buf.getvalue()
+
+
+def fit_column(ncols: int, width: float, height: float, n: int) -> tuple[int, float, float]:
+    """Columns, width and height per axes for ``n`` axes asked ``ncols`` across at ``width`` × ``height``
+    inches, so the figure fits the book's column (:data:`COLUMN_IN`): panels shrink (keeping their aspect)
+    down to :data:`MIN_AXES_IN`, and below that they are stacked (two across when ``n`` is even, else one)."""
+    if ncols * width <= COLUMN_IN:
+        return ncols, width, height
+    cols, w = ncols, COLUMN_IN / ncols
+    if w < MIN_AXES_IN:
+        cols = 2 if n % 2 == 0 and COLUMN_IN / 2 >= MIN_AXES_IN else 1
+        w = COLUMN_IN / cols
+    h = height * min(1.0, max(w / width, 0.75))
+    return cols, w, h
 
 
 def figure(ncols: int = 1, width: float = 4.0, height: float = 3.0, nrows: int = 1) -> tuple[Figure, np.ndarray]:
     """A styled figure with ``ncols`` axes side by side, and ``nrows`` such rows stacked (the axes are
-    always returned as a flat array, row after row; ``width``/``height`` are per axes).
+    always returned as a flat array, row after row; ``width``/``height`` are per axes, in inches).
 
-    The figure is not registered with pyplot, so notebooks show it only where a cell returns it
-    and nothing accumulates in memory.
+    The figure always fits the book's column (:func:`fit_column`): wider requests get narrower panels,
+    or panels stacked in more rows, in the same order. It is not registered with pyplot, so notebooks
+    show it only where a cell returns it and nothing accumulates in memory.
     """
+    n = ncols * nrows
+    cols, w, h = fit_column(ncols, width, height, n)
+    rows = -(-n // cols)
     with style():
-        fig = BookFigure(figsize=(width * ncols, height * nrows), layout="constrained")
-        axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, axes.ravel()
+        fig = BookFigure(figsize=(w * cols, h * rows), layout="constrained")
+        axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.remove()
+    return fig, axes[:n]
 
 
 def _band(ax, x, mean, std, color, label, marker="o", ls="-") -> None:
@@ -126,7 +307,7 @@ def plot_interpolation(ax, curves: dict[str, dict[str, np.ndarray]], metric: str
     """Accuracy (or loss) against α, one line per named curve."""
     with style():
         for i, (name, c) in enumerate(curves.items()):
-            ax.plot(c["alpha"], c[metric], "o-", label=name, color=list(COLORS.values())[i % len(COLORS)])
+            ax.plot(c["alpha"], c[metric], "s--" if is_fixed(name) else "o-", label=name, color=color(name, i))
         ax.set_xlabel("α")
         ax.set_ylabel(metric)
         if metric == "accuracy":
@@ -142,14 +323,13 @@ def plot_vf_curves(ax, curves: dict[str, VFCurve], show_ratio: bool = True, lege
     """Paper Fig. 3B: the normalized upper bound ε_l (solid) of each named model's vanishing-feature
     curve against relative depth l/L, with the measured ratio E_l (faint markers). ``legend`` is
     ``"outside"`` (right of the axes) or a matplotlib location such as ``"lower left"``; ``colors`` may
-    fix a curve's colour by name (the others follow the palette)."""
+    fix a curve's colour by name (the others take their method's, :func:`color`)."""
     if not curves:
         raise ValueError("plot_vf_curves needs at least one curve")
-    palette = list(COLORS.values())
     with style():
         for i, (name, c) in enumerate(curves.items()):
-            col = (colors or {}).get(name, palette[i % len(palette)])
-            ax.plot(c.relative_depth, c.bound, "-", color=col, label=name)
+            col = (colors or {}).get(name) or color(name, i)
+            ax.plot(c.relative_depth, c.bound, "--" if is_fixed(name) else "-", color=col, label=name)
             if show_ratio:
                 ax.plot(c.relative_depth, c.ratio, "o", color=col, alpha=0.35, ms=3)
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
@@ -168,12 +348,11 @@ def plot_logits(ax, stats: dict[str, LogitStats], std_scale: float = 1.0) -> Non
     logit f(0) of the all-zero input (crosses), one colour per named model."""
     if not stats:
         raise ValueError("plot_logits needs at least one model's LogitStats")
-    palette = list(COLORS.values())
     n = len(stats)
     width = 0.8 / n
     with style():
         for i, (name, s) in enumerate(stats.items()):
-            col = palette[i % len(palette)]
+            col = color(name, i)
             x = np.arange(len(s.mean)) + (i - (n - 1) / 2) * width
             lab = f"{name}: mean ± {std_scale:g}·std" if std_scale != 1 else f"{name}: mean ± std"
             ax.errorbar(x, s.mean, yerr=std_scale * s.std, fmt="o", color=col, capsize=2, ms=3, label=lab)
@@ -220,12 +399,11 @@ def plot_scaling_matrix(axes, rows: Sequence[dict], samples: dict[str, np.ndarra
     """
     if not samples or not rows:
         raise ValueError("plot_scaling_matrix needs ratio samples and per-layer rows")
-    palette = [COLORS["merged"], COLORS["edge0"], COLORS["edge1"], COLORS["h"]]
     names = [k.split(", ", 1)[1] for k in rows[0] if k.startswith("sign agreement, ")]
     with style():
         bins = np.linspace(-3, 3, 61)
         for i, (name, r) in enumerate(samples.items()):
-            axes[0].hist(r[np.abs(r) <= 3], bins=bins, histtype="step", lw=1.6, color=palette[i % len(palette)],
+            axes[0].hist(r[np.abs(r) <= 3], bins=bins, histtype="step", lw=1.6, color=color(name, i),
                          label=f"{name} ({np.mean(r > 0):.0%} > 0)")
         axes[0].axvline(1.0, color="grey", lw=0.8, ls=":")
         axes[0].set_xlabel("entry of W0 ⊘ W1 (entries in [−3, 3])")
@@ -234,7 +412,7 @@ def plot_scaling_matrix(axes, rows: Sequence[dict], samples: dict[str, np.ndarra
         axes[0].legend()
         x = np.arange(1, len(rows) + 1)
         for i, name in enumerate(names):
-            col = palette[i % len(palette)]
+            col = color(name, i)
             axes[1].plot(x, [r[f"sign agreement, {name}"] for r in rows], "o-", color=col,
                          label=f"{name}: sign agreement")
             axes[1].plot(x, [r[f"midpoint scale, {name}"] for r in rows], "s--", color=col,
@@ -253,17 +431,13 @@ def plot_layer_sweep(ax, x: Sequence[float], curves: dict[str, Sequence[float]],
                      current: float | None = None, colors: dict[str, str] | None = None) -> None:
     """Accuracy against a number of layers (paper Fig. 4 left, PFM over l), one line per named curve,
     with the edge models' average and the ensemble as horizontal references and ``current`` marked.
-    Without ``colors``, curves come in pairs (a method, then the method + normalization), one colour
-    per pair; with ``colors`` (method name -> colour), a curve named ``"<method> + <fix>"`` takes its
-    method's colour, dashed."""
-    palette = [COLORS["merged"], COLORS["edge0"], COLORS["rescaled"], COLORS["edge1"], COLORS["h"], COLORS["edge"]]
+    Every curve takes its method's colour (:func:`color`, or ``colors[method]``); a curve named
+    ``"<method> + <fix>"`` is drawn dashed in its method's colour."""
     with style():
         for i, (name, y) in enumerate(curves.items()):
-            if colors is not None:
-                base, fixed = name.split(" + ")[0], " + " in name
-                ax.plot(x, y, "s--" if fixed else "o-", color=colors.get(base, palette[i % len(palette)]), label=name)
-                continue
-            ax.plot(x, y, "o-" if i % 2 == 0 else "s--", color=palette[(i // 2) % len(palette)], label=name)
+            base = name.split(" + ")[0]
+            col = (colors or {}).get(base) or color(name, i)
+            ax.plot(x, y, "s--" if is_fixed(name) else "o-", color=col, label=name)
         if edge_mean is not None:
             ax.axhline(edge_mean, color=COLORS["edge"], lw=1, ls=":", label=f"edge average {edge_mean:.3f}")
         if ensemble is not None:
@@ -282,10 +456,9 @@ def plot_layer_sweep(ax, x: Sequence[float], curves: dict[str, Sequence[float]],
 def plot_cost_curves(ax, curves: dict[str, tuple[Sequence[float], Sequence[float]]], edge_mean: float | None = None,
                      xlabel: str = "parameters (× one edge model)", title: str = "") -> None:
     """Accuracy against cost: ``curves[name] = (cost ratios, accuracies)`` (PFM vs partial zipping)."""
-    palette = [COLORS["merged"], COLORS["rescaled"], COLORS["edge0"], COLORS["edge1"]]
     with style():
         for i, (name, (c, y)) in enumerate(curves.items()):
-            ax.plot(c, y, "o-" if i % 2 == 0 else "s--", color=palette[i % len(palette)], label=name)
+            ax.plot(c, y, "s--" if is_fixed(name) else "o-", color=color(name, i), label=name)
         if edge_mean is not None:
             ax.axhline(edge_mean, color=COLORS["edge"], lw=1, ls=":", label=f"edge average {edge_mean:.3f}")
         ax.set_xlabel(xlabel)
@@ -296,35 +469,82 @@ def plot_cost_curves(ax, curves: dict[str, tuple[Sequence[float], Sequence[float
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def table(rows: Sequence[dict], floatfmt: str = "{:.4g}"):
-    """Rows of dicts as a Markdown table, displayed in notebooks and in the built book."""
-    from IPython.display import Markdown
-    if not rows:
-        return Markdown("*(empty)*")
-    cols = list(dict.fromkeys(k for r in rows for k in r))  # every key, in order of first appearance
-    def fmt(v) -> str:
-        text = floatfmt.format(v) if isinstance(v, float) else str(v)
-        return text.replace("|", "\\|")  # a bare | would end the cell
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return Markdown("\n".join(lines))
+def _column_format(values: Sequence[object]) -> "Callable[[object], str]":
+    """One number format for a whole column, so 0.1 and 0.9705 print as 0.1000 and 0.9705.
+
+    Floats get the decimals that show the column's largest magnitude to 4 significant digits (and its
+    smallest nonzero one to at least 2); a column spanning more than 4 orders of magnitude, or beyond
+    [1e-3, 1e5), uses 3 significant digits instead. Integers, strings and ``None`` print as they are."""
+    import math
+    floats = [abs(v) for v in values if isinstance(v, float) and math.isfinite(v)]
+    nonzero = [v for v in floats if v > 0]
+    if not nonzero:
+        return lambda v: (f"{v:g}" if isinstance(v, float) else str(v))
+    lo, hi = min(nonzero), max(nonzero)
+    if lo < 1e-3 or hi >= 1e5 or hi / lo > 1e4:
+        return lambda v: (f"{v:.3g}" if isinstance(v, float) else str(v))
+    digits = max(3 - math.floor(math.log10(hi)), 1 - math.floor(math.log10(lo)), 0)
+    return lambda v: (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
-def html_table(rows: Sequence[dict], floatfmt: str = "{:.4g}", raw: Sequence[str] = ()) -> str:
-    """Rows of dicts as an HTML table in a horizontally scrolling box; every cell is escaped except the columns
-    named in ``raw`` (already HTML, e.g. links)."""
-    import html
-    if not rows:
-        return "<p><em>(empty)</em></p>"
-    cols = list(dict.fromkeys(k for r in rows for k in r))
+class Table:
+    """Rows of dicts displayed as an escaped HTML table in a horizontally scrolling box (notebooks and the
+    built book), and as aligned text in a terminal. Built by :func:`table`."""
 
-    def cell(c: str, v: object) -> str:
-        text = floatfmt.format(v) if isinstance(v, float) else str(v)
-        return text if c in raw else html.escape(text)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{cell(c, r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
-    return (f'<div class="vfnb-table" style="overflow-x:auto"><table class="table">'
-            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
+    def __init__(self, rows: Sequence[dict], floatfmt: str | None = None, raw: Sequence[str] = ()) -> None:
+        self.rows = [dict(r) for r in rows]
+        self.columns = list(dict.fromkeys(k for r in self.rows for k in r))  # every key, in order of first appearance
+        self.raw = tuple(raw)
+        if floatfmt is not None:
+            fixed = lambda v: floatfmt.format(v) if isinstance(v, float) else str(v)  # noqa: E731
+            self._formats = {c: fixed for c in self.columns}
+        else:
+            self._formats = {c: _column_format([r.get(c) for r in self.rows]) for c in self.columns}
+
+    def cells(self) -> list[list[str]]:
+        """The formatted cells, row by row (missing entries are empty)."""
+        return [["" if c not in r or r[c] is None else self._formats[c](r[c]) for c in self.columns]
+                for r in self.rows]
+
+    @staticmethod
+    def _inline(text: str) -> str:
+        """Escaped text with Markdown's inline **bold** and `code` (the only markup cells use)."""
+        import html
+        import re
+        out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
+        return re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+
+    def _repr_html_(self) -> str:
+        if not self.rows:
+            return "<p><em>(empty)</em></p>"
+        esc = [i for i, c in enumerate(self.columns) if c not in self.raw]
+        head = "".join(f"<th>{self._inline(c)}</th>" for c in self.columns)
+        body = "".join("<tr>" + "".join(f"<td>{self._inline(v) if i in esc else v}</td>" for i, v in enumerate(row))
+                       + "</tr>" for row in self.cells())
+        return (f'<div class="vfnb-table" style="overflow-x:auto;max-width:100%">'
+                f'<table class="table vfnb"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
+
+    def __repr__(self) -> str:
+        if not self.rows:
+            return "(empty)"
+        grid = [self.columns, *self.cells()]
+        widths = [max(len(r[i]) for r in grid) for i in range(len(self.columns))]
+        return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in grid)
+
+
+def table(rows: Sequence[dict], floatfmt: str | None = None, raw: Sequence[str] = ()) -> Table:
+    """Rows of dicts as a :class:`Table`: escaped HTML that scrolls sideways when wider than the column.
+
+    Every cell and header is HTML-escaped (keeping Markdown's inline ``**bold**`` and backquoted code), except
+    the columns named in ``raw`` (already HTML, e.g. links).
+    Numbers are formatted per column (:func:`_column_format`) unless ``floatfmt`` (e.g. ``"{:.3f}"``) is given.
+    """
+    return Table(rows, floatfmt, raw)
+
+
+def html_table(rows: Sequence[dict], floatfmt: str | None = None, raw: Sequence[str] = ()) -> str:
+    """The HTML of :func:`table` (for pages that compose it with other HTML)."""
+    return Table(rows, floatfmt, raw)._repr_html_()
 
 
 def collapsible(sections: Sequence[tuple[str, str]]):

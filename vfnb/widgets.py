@@ -19,7 +19,8 @@ def to_png(figure: Any, dpi: int | None = None) -> bytes:
     """PNG bytes of a matplotlib Figure (closed afterwards); PNG bytes pass through.
 
     The figure keeps its own size (no tight cropping), so every frame of an explorer has the same
-    size and the page does not jump while the slider moves.
+    size and the page does not jump while the slider moves; legends that cover data are moved first
+    (:func:`vfnb.plots.clear_legends`).
     """
     if isinstance(figure, (bytes, bytearray)):
         data = bytes(figure)
@@ -30,6 +31,8 @@ def to_png(figure: Any, dpi: int | None = None) -> bytes:
         raise TypeError(f"render must return a matplotlib Figure or PNG bytes, got {type(figure).__name__}")
     import matplotlib.pyplot as plt
 
+    from .plots import clear_legends
+    clear_legends(figure)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
     plt.close(figure)

@@ -184,7 +184,7 @@ class Merged:
         return {"model": self.label, "alignment": ALIGNMENT_NAMES[self.alignment],
                 "edge accuracy": float(np.mean(self.edge_accuracy)),
                 f"merged accuracy (α={self.alpha:g})": self.accuracy,
-                "E_l first layer": float(c.ratio[0]), "E_L output": float(c.ratio[-1]), "ε_L": self.eps_last,
+                "E_l first layer": float(c.ratio[0]), "ε_L = E_L": self.eps_last,
                 f"VF (ε_L < {VF_THRESHOLD})": "yes" if c.vanishes(VF_THRESHOLD) else "no"}
 
 

@@ -113,4 +113,4 @@ def plot_summary(ax, rows: list[dict[str, Any]]) -> None:
     ax.set_yticks(y, labels)
     ax.set_xlabel("claims")
     ax.set_title("Verdicts per chapter")
-    ax.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="lower right")

@@ -1,4 +1,4 @@
-"""Paper §5.3 (Fig. "improve_renorm"), appendices A.5.1 and A.6: post-merging normalizations that
+"""Paper §5.3 (Fig. 2), appendices A.5.1 and A.6: post-merging normalizations that
 target the vanishing feature, with weight matching and with ZipIt!.
 
 Two VGG edge models (no normalization) from the zoo are merged along θ_α, after aligning model 1 to
@@ -39,6 +39,7 @@ from ..graph import Permutation, apply_permutation
 from ..matching import weight_matching
 from ..merge import calibrate_bias, interpolate
 from ..normalize import Fix, layer_stats, remove_bias, repair, rescale, weighted_stats
+from ..plots import color
 from ..structure import conv_linear_layers
 from ..zipit import Zip, zipit_matching
 from ..zoo import info
@@ -49,10 +50,11 @@ from .common import check_config, edge_configs, edge_models, test_data
 FIXES = (Fix.NONE, Fix.REPAIR, Fix.RESCALE, Fix.BIAS_REMOVAL, Fix.BIAS_CALIBRATION)
 METHODS = tuple(f.label for f in FIXES)
 MATCHINGS = ("weight matching", "ZipIt!")
-#: One colour per method, the same in every figure.
-METHOD_COLORS = {"no normalization": "#7f8c8d", "REPAIR": "#c0392b", "RESCALE": "#2980b9",
-                 "bias removal": "#27ae60", "bias calibration": "#8e44ad"}
+#: One colour per method, the book's (:func:`vfnb.plots.color`).
+METHOD_COLORS = {m: color(m) for m in METHODS}
 MATCHING_STYLE = {"weight matching": "-", "ZipIt!": "--"}
+#: Dash patterns of the A.5.1 curves, one per method, so curves that coincide stay distinguishable.
+VF_DASHES = ("-", (0, (6, 2)), (0, (2, 1.5)), (0, (6, 2, 1.5, 2)), (0, (1, 1)))
 
 
 @dataclass
@@ -374,7 +376,7 @@ def timing_table(res: NormalizationResult) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------------
 # figures
 def plot_methods(ax, res: NormalizationResult, matching: str) -> None:
-    """Paper Fig. "improve_renorm": test accuracy against α for every method, for one matching."""
+    """Paper Fig. 2 (LaTeX label "improve_renorm"): test accuracy against α for every method, for one matching."""
     from ..plots import style
     with style():
         ax.plot(res.direct["alpha"], res.direct["accuracy"], ":", color="black", lw=1, label="direct (no alignment)")
@@ -436,9 +438,11 @@ def plot_vf(ax, res: NormalizationResult, matching: str, alpha: float) -> None:
     relative depth, in the method colours of the main figure."""
     from ..plots import style
     with style():
+        # methods often coincide (RESCALE and bias calibration keep REPAIR's scale): the first is drawn widest and
+        # each later one narrower and in its own dash pattern on top, so coinciding curves stay visible as stripes
         for i, (m, c) in enumerate(vf_curves(res, matching, alpha).items()):
-            ax.plot(c.relative_depth, c.bound, "-", color=METHOD_COLORS[m], label=m, lw=2.4 if i == 0 else 1.6,
-                    alpha=0.6 if i == 0 else 1.0)
+            ax.plot(c.relative_depth, c.bound, ls=VF_DASHES[i % len(VF_DASHES)], color=METHOD_COLORS[m], label=m,
+                    lw=3.4 - 0.55 * i, zorder=2 + i)
             ax.plot(c.relative_depth, c.ratio, "o", color=METHOD_COLORS[m], alpha=0.35, ms=3)
         ax.axhline(1.0, color="gray", lw=0.8, ls=":")
         ax.set_yscale("log")
@@ -474,7 +478,7 @@ def explorer_figure(res: NormalizationResult, method: str, alpha: float):
         ax[0].legend(loc="lower left")
     plot_logits(ax[1], {"WM": res.diagnosis[("weight matching", method, a)].logits,
                         "ZipIt!": res.diagnosis[("ZipIt!", method, a)].logits, "edge 0": res.edge_logits[0]})
-    ax[1].legend(loc="upper left", bbox_to_anchor=(0.0, -0.2), ncol=2, fontsize=6)
+    ax[1].legend(loc="upper left", bbox_to_anchor=(0.0, -0.2), ncol=2)
     with style():
         for m in MATCHINGS:
             c = res.curves[(m, method)]

@@ -218,7 +218,9 @@ def plot_training(axes: Any, cfg: Config) -> None:
         axes[0].set_yscale("log")
         axes[0].set(xlabel="epoch", ylabel="training loss", title="edge models: training loss")
         axes[1].set(xlabel="epoch", ylabel="test accuracy", title="edge models: test accuracy")
-        axes[0].legend(fontsize=7, ncol=2)
+        handles, labels = axes[0].get_legend_handles_labels()
+        if handles:  # one legend for both panels, below them
+            axes[0].figure.legend(handles, labels, loc="outside lower center", ncols=3)
 
 
 def book_architectures(profile: str) -> list[tuple[str, str, str, dict[str, Any]]]:

@@ -6,6 +6,8 @@ entries.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from ..config import Config, resolve
 from . import linear_networks
 from .common import check_config
@@ -21,3 +23,11 @@ def linear_config(cfg: Config) -> Config:
 def run(cfg: Config, progress: bool = True) -> linear_networks.LinearResult:
     """Fig. 1: the §4 edge models merged along α (:func:`vfnb.chapters.linear_networks.run`)."""
     return linear_networks.run(linear_config(cfg), progress=progress)
+
+
+def book_map() -> Any:
+    """The map of the book: every page of ``_toc.yml`` with its summary (:func:`vfnb.book.map_html`)."""
+    from IPython.display import HTML
+
+    from ..book import map_html
+    return HTML(map_html(current="01_introduction"))

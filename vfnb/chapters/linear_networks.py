@@ -72,7 +72,7 @@ def run(cfg: Config, progress: bool = True) -> LinearResult:
 
     Per α: accuracy, and the feature–bias decomposition, weight scale and rescaled feature of the
     merged model θ_α = (1−α)θ₀ + αθ₁ (direct merging: linear networks are compared unaligned here;
-    alignment comes with the Sections 1–3 chapter).
+    alignment is the subject of chapter 2, ``02_preliminaries``).
     """
     check_config(cfg, "linear_networks")
     device = resolve_device(cfg.device)

@@ -263,7 +263,7 @@ def alignment_table(res: MergingVFResult) -> list[dict[str, Any]]:
 
 def repair_table(res: MergingVFResult) -> list[dict[str, Any]]:
     """VGG16 midpoints after WM and AM, before and after REPAIR/RESCALE: accuracy and vanishing-feature numbers."""
-    return [{"merged model": k, "accuracy": acc, "E_L output": float(c.ratio[-1]), "ε_L": float(c.bound[-1])}
+    return [{"merged model": k, "accuracy": acc, "ε_L = E_L": float(c.bound[-1])}
             for k, (acc, c) in res.normalized.items()]
 
 
@@ -271,9 +271,9 @@ def reset_table(res: MergingVFResult) -> list[dict[str, Any]]:
     """The merged VGG16-BN before and after RESET: accuracy and vanishing-feature numbers."""
     bn, (acc, c) = res.bn, res.bn_reset
     return [{"merged model": f"VGG16-BN, {bn.alignment.upper()}", "accuracy": bn.accuracy,
-             "E_L output": float(bn.curve.ratio[-1]), "ε_L": bn.eps_last},
+             "ε_L = E_L": bn.eps_last},
             {"merged model": f"VGG16-BN, {bn.alignment.upper()} + RESET", "accuracy": acc,
-             "E_L output": float(c.ratio[-1]), "ε_L": float(c.bound[-1])}]
+             "ε_L = E_L": float(c.bound[-1])}]
 
 
 def layernorm_table(res: MergingVFResult) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from ..merge import average
 from ..multimerge import ManyAlignment, align_many
 from ..multitask import MultiTask, features, linear_probe, tall_merging, task_arithmetic, ties_merging
 from ..normalize import layer_stats, repair, weighted_stats
+from ..plots import color
 from ..tact import tact
 from ..train import TrainConfig, recipe, state_distance
 from ..zoo import get_or_train, resolve_device
@@ -35,8 +36,8 @@ TASK_LABELS = {"mnist5k-0to4": "digits 0-4", "mnist5k-5to9": "digits 5-9", "mnis
 #: The settings of Fig. 5 (and of the explorer), with their colours. "local" merges experts fine-tuned from one
 #: foundation; every other one merges non-local experts (one foundation each).
 VARIANTS = ("local", "non-local", "modulo permutation", "+ REPAIR", "+ TACT", "+ linear probe")
-COLORS = {"local": "#2c3e50", "non-local": "#7f8c8d", "modulo permutation": "#c0392b", "+ REPAIR": "#e67e22",
-          "+ TACT": "#27ae60", "+ linear probe": "#8e44ad"}
+COLORS = {"local": "#2c3e50", "non-local": "#7f8c8d", "modulo permutation": color("weight matching"),
+          "+ REPAIR": color("REPAIR"), "+ TACT": color("TACT"), "+ linear probe": "#8e44ad"}
 METHODS = ("Task Arithmetic", "TIES")
 #: One colour per task in the per-task figures (distinct from the settings' colours).
 TASK_COLORS = ("#1f77b4", "#9467bd", "#8c564b", "#17becf", "#bcbd22")
@@ -429,7 +430,7 @@ def plot_gap(res: MultiTaskResult):
     axes[1].axhline(1.0, color="black", lw=0.8)
     for ax in axes:
         ax.set_xlabel("layer l (activations after it)")
-    axes[0].legend(title="solid: merged\ndashed: + TACT", loc="upper left", fontsize=7, title_fontsize=7)
+    axes[0].legend(title="solid: merged\ndashed: + TACT", loc="upper left")
     return fig
 
 
@@ -487,8 +488,7 @@ def plot_vf(res: MultiTaskResult):
     ax.axhline(0.5, color="black", lw=0.8, ls=":")
     ax.set_xlabel("relative depth l/L (conv and linear outputs)")
     ax.set_ylabel("ε_l (bound on E_l)")
-    ax.legend(title="solid: merged, dashed: + TACT", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7,
-              title_fontsize=7)
+    ax.legend(title="solid: merged, dashed: + TACT", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
@@ -506,7 +506,7 @@ def render_explorer(res: MultiTaskResult, n: int):
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("normalized accuracy")
     ax.set_title(f"Task Arithmetic of {n} tasks (λ chosen per setting on training images)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 

@@ -219,11 +219,11 @@ def scale_table(res: MergingResult) -> list[dict[str, Any]]:
 
 def plot_scale(ax, res: MergingResult) -> None:
     """Merged-to-edge weight-scale ratio per layer, one line per method."""
-    from ..plots import COLORS, style
+    from ..plots import color, style
     with style():
         depth = np.arange(1, len(res.edge_scale["names"]) + 1)
         for i, m in enumerate(METHODS):
-            ax.plot(depth, res.scale_ratio(m), "o-", label=m, color=list(COLORS.values())[i % len(COLORS)])
+            ax.plot(depth, res.scale_ratio(m), "o-", label=m, color=color(m, i))
         ax.axhline(1.0, color="gray", ls="--", lw=1)
         ax.set_xlabel("layer (conv / linear)")
         ax.set_ylabel("mean|W_α| / mean|W_edge|")

@@ -518,12 +518,12 @@ def notes(res: PFMResult) -> dict[str, str]:
     norm = fix.label
     f4 = {k: np.mean([p.fig4[k] for p in res.vgg], 0) for k in res.vgg[0].fig4}
     out["fig4"] = (
-        f"Measured on {pairs}. Edge models: {edge:.3f} on average. With weight matching on the first l layers only, "
-        f"the merged midpoint goes from {f4[('wm', Fix.NONE)][0]:.3f} (l = {grid[0]}) to {f4[('wm', Fix.NONE)][-1]:.3f} "
-        f"(l = {grid[-1]}); with {norm} from {f4[('wm', fix)][0]:.3f} to {f4[('wm', fix)][-1]:.3f}. "
-        f"Activation matching: {f4[('am', Fix.NONE)][0]:.3f} → {f4[('am', Fix.NONE)][-1]:.3f}, with {norm} "
-        f"{f4[('am', fix)][0]:.3f} → {f4[('am', fix)][-1]:.3f}. The best point of any curve is "
-        f"{max(v.max() for v in f4.values()):.3f}, "
+        f"Measured on {pairs}. Edge models: {100 * edge:.2f} % on average. With weight matching on the first l layers only, "
+        f"the merged midpoint goes from {100 * f4[('wm', Fix.NONE)][0]:.2f} % (l = {grid[0]}) to {100 * f4[('wm', Fix.NONE)][-1]:.2f} % "
+        f"(l = {grid[-1]}); with {norm} from {100 * f4[('wm', fix)][0]:.2f} % to {100 * f4[('wm', fix)][-1]:.2f} %. "
+        f"Activation matching: {100 * f4[('am', Fix.NONE)][0]:.2f} % → {100 * f4[('am', Fix.NONE)][-1]:.2f} %, with {norm} "
+        f"{100 * f4[('am', fix)][0]:.2f} % → {100 * f4[('am', fix)][-1]:.2f} %. The best point of any curve is "
+        f"{100 * (max(v.max() for v in f4.values())):.2f} %, "
         + ("still below the edge models." if max(v.max() for v in f4.values()) < edge else "at or above the edge models here."))
     ls = res.cfg.pfm_layers
     cols = list(COLUMNS[res.cfg.norm == "bn"])
@@ -543,19 +543,19 @@ def notes(res: PFMResult) -> dict[str, str]:
         rl = res.cfg.resnet_layers
         r = {(l, c): mean(lambda p, l=l, c=c: p.table[(l, c)], "resnet") for l in rl for c in ("Direct", Fix.NONE, Fix.RESET)}
         out["resnet"] = (
-            f"ResNet20-BN (width {res.cfg.resnet_width:g}), {pairs}; edge average {res.edge_mean('resnet'):.3f}. At "
-            f"l = {rl[0]}: direct {r[(rl[0], 'Direct')]:.3f}, AM {r[(rl[0], Fix.NONE)]:.3f}, AM + RESET "
-            f"{r[(rl[0], Fix.RESET)]:.3f}. At l = {rl[-1]}: AM + RESET {r[(rl[-1], Fix.RESET)]:.3f} for "
+            f"ResNet20-BN (width {res.cfg.resnet_width:g}), {pairs}; edge average {100 * (res.edge_mean('resnet')):.2f} %. At "
+            f"l = {rl[0]}: direct {100 * (r[(rl[0], 'Direct')]):.2f} %, AM {100 * (r[(rl[0], Fix.NONE)]):.2f} %, AM + RESET "
+            f"{100 * (r[(rl[0], Fix.RESET)]):.2f} %. At l = {rl[-1]}: AM + RESET {100 * (r[(rl[-1], Fix.RESET)]):.2f} % for "
             f"{res.resnet[0].cost[rl[-1]]['params']:.2f}× the parameters. The cut after layer l falls inside a residual "
             f"block for even l: the stems then hand over two averaged values, the residual stream and the block's inner "
             f"branch (see the structure table).")
     if res.vgg[0].cca:
         c = {(l, k): mean(lambda p, l=l, k=k: p.cca[(l, k)]) for l in ls for k in cols}
         out["cca"] = (
-            f"CCA merging at l = {ls[0]}: {c[(ls[0], Fix.NONE)]:.3f} without normalization (AM: "
-            f"{mean(lambda p: p.table[(ls[0], Fix.NONE)]):.3f}), {c[(ls[0], Fix.REPAIR)]:.3f} with REPAIR and "
-            f"{c[(ls[0], Fix.RESCALE)]:.3f} with RESCALE; at l = {ls[-1]}: "
-            f"{max(c[(ls[-1], k)] for k in cols):.3f} (best column). The CCA maps are general invertible matrices, "
+            f"CCA merging at l = {ls[0]}: {100 * (c[(ls[0], Fix.NONE)]):.2f} % without normalization (AM: "
+            f"{mean(lambda p: p.table[(ls[0], Fix.NONE)]):.3f}), {100 * (c[(ls[0], Fix.REPAIR)]):.2f} % with REPAIR and "
+            f"{100 * (c[(ls[0], Fix.RESCALE)]):.2f} % with RESCALE; at l = {ls[-1]}: "
+            f"{100 * (max(c[(ls[-1], k)] for k in cols)):.2f} % (best column). The CCA maps are general invertible matrices, "
             f"so model b's stem keeps its own weights and the map T is applied to its output (a few extra parameters, "
             f"visible in the Params column).")
     pr = res.vgg[0]
@@ -564,19 +564,19 @@ def notes(res: PFMResult) -> dict[str, str]:
     zm = {k: np.mean([p.zip[k] for p in res.vgg], 0) for k in pr.zip}
     i8 = min(range(len(zl)), key=lambda i: abs(zl[i] - round(8 * L / 14)))
     out["zip"] = (
-        f"With n = {zl[i8]} unmerged layers, PFM reaches {zm[('pfm', Fix.NONE)][i8]:.3f} "
-        f"({zm[('pfm', znorm)][i8]:.3f} with {znorm.label}) at {pr.zip_cost['pfm'][i8]:.2f}× the parameters; partial "
-        f"zipping reaches {zm[('zip', Fix.NONE)][i8]:.3f} ({zm[('zip', znorm)][i8]:.3f}) at "
+        f"With n = {zl[i8]} unmerged layers, PFM reaches {100 * zm[('pfm', Fix.NONE)][i8]:.2f} % "
+        f"({100 * zm[('pfm', znorm)][i8]:.2f} % with {znorm.label}) at {pr.zip_cost['pfm'][i8]:.2f}× the parameters; partial "
+        f"zipping reaches {100 * zm[('zip', Fix.NONE)][i8]:.2f} % ({100 * zm[('zip', znorm)][i8]:.2f} %) at "
         f"{pr.zip_cost['zip'][i8]:.2f}×. Keeping the last layers unmerged is expensive in parameters (VGG's late layers "
         f"are its widest) and cheap in FLOPs; keeping the first layers is the opposite.")
     ex = pr.explorer
     if ex:
         g = sorted(ex)
         out["explorer"] = (
-            f"The bound of the plain merged model (l = 0) ends at {ex[g[0]]['curve'].bound[-1]:.3f} of the edge "
+            f"The bound of the plain merged model (l = 0) ends at {100 * (ex[g[0]]['curve'].bound[-1]):.2f} % of the edge "
             f"models' feature norm; with l = {g[len(g) // 2]} preserved layers at "
-            f"{ex[g[len(g) // 2]]['curve'].bound[-1]:.3f}; with l = {g[-1]} at {ex[g[-1]]['curve'].bound[-1]:.3f}. "
-            f"Accuracy (AM, no normalization) goes from {ex[g[0]]['accuracy']:.3f} to {ex[g[-1]]['accuracy']:.3f}.")
+            f"{100 * (ex[g[len(g) // 2]]['curve'].bound[-1]):.2f} %; with l = {g[-1]} at {100 * (ex[g[-1]]['curve'].bound[-1]):.2f} %. "
+            f"Accuracy (AM, no normalization) goes from {100 * (ex[g[0]]['accuracy']):.2f} % to {100 * (ex[g[-1]]['accuracy']):.2f} %.")
     return out
 
 

@@ -27,6 +27,7 @@ from ..data import calibration_subset
 from ..diagnose import feature_bias, logit_stats, vf_curve
 from ..evaluate import evaluate
 from ..normalize import Fix
+from ..plots import color
 from ..pruning import REPAIR_METHODS, apply_masks, prune_scores, pruning_targets, repair_pruned, select_masks
 from ..train import TrainConfig, recipe
 from ..zoo import get_or_train, info, resolve_device
@@ -273,7 +274,7 @@ def convnext_table(r: ConvNeXtResult) -> list[dict[str, Any]]:
 def plot_convnext(ax, r: ConvNeXtResult) -> None:
     """Appendix A.7 (left): ConvNeXt accuracy against the sparsity of its linear layers, each pruner without
     (dashed) and with (solid) REPAIR."""
-    colors = {"wanda": "#8e44ad", "magnitude-layerwise": "#2980b9"}
+    colors = {p: color(PRUNER_LABELS[p]) for p in r.accuracy}
     for p, acc in r.accuracy.items():
         ax.plot(r.sparsities, 100 * acc["before"], ls="--", marker="x", color=colors[p], label=f"{PRUNER_LABELS[p]}")
         ax.plot(r.sparsities, 100 * acc["after"], marker="o", color=colors[p], label=f"{PRUNER_LABELS[p]} + REPAIR")
@@ -357,14 +358,13 @@ def _sparsity_axis(ax, grid: list[float]) -> None:
 def plot_accuracy(ax, res: PruningResult, norm: str, pruners: list[str] | None = None,
                   mark: float | None = None) -> None:
     """Paper Fig. 5C/D: accuracy against sparsity, per pruner, without (dashed) and with (solid) the fix."""
-    from ..plots import COLORS, style
-    colors = list(COLORS.values())
+    from ..plots import style
     fix = res.fix(norm).label
     with style():
         x = np.array(res.sparsities)
         for i, p in enumerate(pruners or res.pruners):
             c = res.accuracy[(norm, p)]
-            col = colors[i % len(colors)]
+            col = color(PRUNER_LABELS[p], i)
             ax.plot(x, c["after"], "o-", color=col, label=f"{PRUNER_LABELS[p]} + {fix}")
             ax.plot(x, c["before"], "s--", color=col, alpha=0.6, label=f"{PRUNER_LABELS[p]}")
         ax.axhline(res.base[norm]["accuracy"], color="gray", lw=1, label="unpruned")
@@ -376,7 +376,7 @@ def plot_accuracy(ax, res: PruningResult, norm: str, pruners: list[str] | None =
         ax.set_xlabel("sparsity (axis: −log(1 − s))")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{res.label(norm)}: one-shot pruning, then {fix}")
-        ax.legend(loc="lower left", fontsize=7)
+        ax.legend(loc="lower left")
 
 
 def plot_calibration(ax, res: PruningResult, norm: str) -> None:
@@ -394,7 +394,7 @@ def plot_calibration(ax, res: PruningResult, norm: str) -> None:
         ax.set_xlabel("calibration images (unpruned and pruned model)")
         ax.set_ylabel("test accuracy after the fix")
         ax.set_title(f"{res.label(norm)} at sparsity {res.cfg.sparsity:g} + {res.fix(norm).label}")
-        ax.legend(fontsize=7)
+        ax.legend()
 
 
 def logit_curves(res: PruningResult, norm: str, pruner: str, sparsity: float) -> dict[str, Any]:

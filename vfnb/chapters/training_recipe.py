@@ -232,7 +232,7 @@ def plot_barriers(axes, res: RecipeResult) -> None:
     axes[1].set_title(f"Fig. 6C: by weight decay (lr {res.cfg.lr:g})")
     for ax in axes[:2]:
         ax.set_ylim(0, 100)
-        ax.legend(loc="lower left", fontsize=7)
+        ax.legend(loc="lower left")
 
 
 def plot_curves(axes, res: RecipeResult) -> None:
@@ -269,11 +269,11 @@ def plot_init(axes, res: RecipeResult) -> None:
     axes[0].set_ylabel("barrier after WM (points)")
     axes[0].set_ylim(0, 100)
     axes[0].set_title("Fig. 9A: barrier after WM")
-    axes[0].legend(loc="upper right", fontsize=7)
+    axes[0].legend(loc="upper right")
     axes[1].set_xlabel("epoch")
     axes[1].set_ylabel("‖θ₀ − θ₁‖ (ℓ2, all weights)")
     axes[1].set_title("Fig. 9B: distance in training")
-    axes[1].legend(loc="center right", fontsize=7)
+    axes[1].legend(loc="center right")
 
 
 def plot_normalization(ax, res: RecipeResult) -> None:

@@ -30,6 +30,7 @@ from ..matching import activation_matching, weight_matching
 from ..merge import interpolate
 from ..normalize import Fix, target_stats
 from ..pfm import preserve_first
+from ..plots import color
 from ..structure import block_depths, repair_layers
 from ..train import TrainConfig, recipe
 from ..transport import TransportAlignment, ot_matching
@@ -42,7 +43,7 @@ METHODS = {"direct": "Direct", "wm": "WM", "am": "AM", "ot": "OT"}
 METHOD_NAMES = {"direct": "direct merging", "wm": "weight matching", "am": "activation matching",
                 "ot": "OT fusion (activations)"}
 #: One colour per alignment in every figure of the chapter.
-METHOD_COLORS = {"Direct": "#7f8c8d", "WM": "#2980b9", "AM": "#27ae60", "OT": "#c0392b"}
+METHOD_COLORS = {name: color(name) for name in METHODS.values()}
 #: The post-merging fixes compared for every alignment.
 FIXES = (Fix.NONE, Fix.REPAIR, Fix.RESCALE)
 
