@@ -155,7 +155,8 @@ def _widget_notebook(path: Path) -> None:
         "progress": model("FloatProgressModel", value=3, layout="IPY_MODEL_shared_layout"),
         "bar_layout": model("LayoutModel"), "label_layout": model("LayoutModel"),
         "shared_layout": model("LayoutModel"),  # also used by the explorer: must survive
-        "box": model("VBoxModel", children=["IPY_MODEL_slider", "IPY_MODEL_stack"]),
+        # the explorer shows the bar's label too: it must survive with its own layout
+        "box": model("VBoxModel", children=["IPY_MODEL_label", "IPY_MODEL_slider", "IPY_MODEL_stack"]),
         "slider": model("SelectionSliderModel", layout="IPY_MODEL_shared_layout"),
         "stack": model("StackModel", children=["IPY_MODEL_image"]), "image": model("ImageModel"),
         "link": model("LinkModel", source=["IPY_MODEL_slider", "index"], target=["IPY_MODEL_stack", "selected_index"]),
@@ -183,7 +184,7 @@ def test_tidy_removes_progress_bars_and_hides_the_parameter_cells(tmp_path: Path
     assert [o.output_type for o in nb.cells[2].outputs] == ["stream"]  # the bar's output is gone, the text stays
     assert nb.cells[3].outputs[0].data[book._WIDGET_VIEW]["model_id"] == "box"
     state = nb.metadata.widgets[book._WIDGET_STATE]["state"]
-    assert set(state) == {"shared_layout", "box", "slider", "stack", "image", "link"}
+    assert set(state) == {"shared_layout", "box", "slider", "stack", "image", "link", "label", "label_layout"}
     assert book.tidy_for_html(path) == {"progress bars": 0, "hidden cells": 0}  # idempotent
 
 
@@ -228,9 +229,11 @@ def test_sphinx_extension_drops_thebe_and_adds_the_stylesheet() -> None:
             obj.filename, obj.attributes = filename, attributes
             return obj
     context = {"script_files": [Asset(None, body='const THEBE_JS_URL = "x"'), Asset("_static/sphinx-thebe.js"),
-                                Asset("_static/require.js")],
+                                Asset("_static/require.js"),
+                                Asset(None, type="application/vnd.jupyter.widget-state+json",
+                                      body='{"state": {"image": "iVBORthEBE88ff"}}')],  # base64 may hold "thebe"
                "css_files": [Asset("_static/sphinx-thebe.css"), Asset("_static/vfnb.css")]}
     sphinxext._drop_thebe(None, "page", "page.html", context, None)
-    assert [a.filename for a in context["script_files"]] == ["_static/require.js"]
+    assert [a.filename for a in context["script_files"]] == ["_static/require.js", None]
     assert [a.filename for a in context["css_files"]] == ["_static/vfnb.css"]
     assert (sphinxext.STATIC / sphinxext.CSS).is_file()

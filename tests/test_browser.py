@@ -3,7 +3,8 @@
 On every page: no network, no JavaScript error (no whitelist), figures render and every explorer switches
 figures; no paragraph that is a broken Markdown table; no blank block taller than 40 px in the column;
 every figure shown at >= 75 % of its natural width (or naturally within the column); every table wider
-than the column inside a visible scroll box; and the map of the book lists every page of ``_toc.yml``.
+than the column inside a visible scroll box; no display equation wider than the column; and the map of
+the book lists every page of ``_toc.yml``.
 
 Needs chromium (``apt-get install -y chromium``); the test is skipped without it.
 ``benchmarks/screenshots.py`` takes the same pages' screenshots for a person to look at.
@@ -30,7 +31,7 @@ LAYOUT_JS = r"""() => {
   const label = el => (el.tagName.toLowerCase() + (el.className && typeof el.className === 'string'
                         ? '.' + el.className.trim().split(/\s+/).slice(0, 2).join('.') : '')
                        + ' near "' + (el.previousElementSibling ? el.previousElementSibling.innerText || '' : '').slice(0, 40) + '"');
-  const out = {column, markdown_rows: [], blank: [], small_figures: [], clipped_tables: []};
+  const out = {column, markdown_rows: [], blank: [], small_figures: [], clipped_tables: [], wide_equations: []};
   for (const p of article.querySelectorAll('p')) {
     const first = p.innerText.trim().split('\n')[0];
     if (/^\|.*\|$/.test(first) || /\|\s*[-—:]{2,}\s*\|/.test(p.innerText)) out.markdown_rows.push(first.slice(0, 80));
@@ -70,6 +71,11 @@ LAYOUT_JS = r"""() => {
                && box.scrollWidth > box.clientWidth && box.offsetHeight - box.clientHeight > 0;
     if (!ok) out.clipped_tables.push(`table of ${t.scrollWidth} px (${t.innerText.trim().slice(0, 40)})`
                                      + (box && box !== article ? ', its scroll box shows no scrollbar' : ', no scroll box'));
+  }
+  for (const eq of article.querySelectorAll('mjx-container[display="true"]')) {
+    const math = eq.querySelector('mjx-math') || eq;
+    const w = math.getBoundingClientRect().width;
+    if (shown(eq) && w > column + 1) out.wide_equations.push(`${Math.round(w)} px: ${eq.textContent.slice(0, 40)}`);
   }
   return out;
 }"""
@@ -144,6 +150,9 @@ def check_page(browser: object, page_path: Path, out_dir: Path, min_images: int 
     if widget_scripts:  # rendered widgets replace their script tag's placeholder
         page.wait_for_selector(".jupyter-widgets", state="attached", timeout=20_000)
     page.wait_for_function("() => [...document.images].every(i => i.complete)", timeout=20_000)
+    unrendered = page.evaluate("""() => [...document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]')]
+        .filter(s => !s.parentElement.querySelector('.jupyter-widgets')).length""")
+    assert not unrendered, f"{page_path.name}: {unrendered} widget(s) not rendered (is the widget state in the page?)"
     broken = page.evaluate("""() => [...document.querySelectorAll('main img')]
         .filter(i => i.naturalWidth === 0 || i.getBoundingClientRect().width === 0).map(i => i.src.slice(0, 80))""")
     assert not broken, f"{page_path.name}: images missing or of zero size: {broken}"

@@ -113,3 +113,9 @@ def test_one_colour_per_method_whatever_its_name() -> None:
     assert plots.color("PFM (first n unmerged)") == plots.color("PFM")
     assert plots.color("partial zip (last n unmerged)") == plots.color("ZipIt!")
     assert plots.color("edge 0", 2) == plots.CYCLE[2]
+
+
+def test_fixes_differ_by_line_style_within_a_method_colour() -> None:
+    wm, rep, res = (plots.line_style(n) for n in ("WM", "WM + REPAIR", "WM + RESCALE"))
+    assert wm["linestyle"] == "-" and len({str(wm), str(rep), str(res)}) == 3
+    assert plots.line_style("AM + RESET")["linestyle"] == "-."

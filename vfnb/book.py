@@ -508,20 +508,21 @@ def tidy_for_html(notebook: str | os.PathLike) -> dict[str, int]:
                 continue
             kept.append(out)
         cell.outputs = kept
-    if bars:  # drop the bars' models and the models (layouts, styles, labels) that only they refer to
-        dead, todo = set(), list(bars)
-        while todo:
-            mid = todo.pop()
-            if mid not in dead:
-                dead.add(mid)
-                todo.extend(_model_refs(state.get(mid, {}).get("state", {})))
-        while True:  # keep anything a surviving model still refers to
-            kept_refs = {r for mid, m in state.items() if mid not in dead for r in _model_refs(m.get("state", {}))}
-            if not dead & kept_refs:
-                break
-            dead -= kept_refs
+    if bars:  # drop the bars' models and the models (layouts, styles, labels) only they refer to
+        def reach(start: Iterable[str]) -> set[str]:
+            seen, todo = set(), list(start)
+            while todo:
+                mid = todo.pop()
+                if mid not in seen:
+                    seen.add(mid)
+                    todo.extend(_model_refs(state.get(mid, {}).get("state", {})))
+            return seen
+        candidates = reach(bars)
+        dead = candidates - reach(set(state) - candidates)  # what no surviving model refers to
         store["state"] = {mid: m for mid, m in state.items() if mid not in dead}
-    nbformat.write(nb, path)
+    tmp = path.with_name(path.name + ".tmp")  # atomic: an interrupted build never leaves half a notebook
+    nbformat.write(nb, tmp)
+    os.replace(tmp, path)
     return removed
 
 

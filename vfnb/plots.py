@@ -38,8 +38,8 @@ METHOD_ALIASES = {"no normalization": "direct", "direct merging": "direct", "pla
                   "ot fusion (activations)": "OT fusion", "magnitude": "global magnitude", "fisher": "diagonal Fisher",
                   "preserve-first merging": "PFM", "partial zip": "ZipIt!",
                   "partial zipping": "ZipIt!"}
-#: Line colours for curves that are not methods: 20 distinguishable colours (matplotlib's tab20, dark
-#: shades first), so a figure with up to 20 lines never repeats one.
+#: Line colours for curves that are not methods: 20 distinguishable colours (matplotlib's tab10, then its
+#: light shades), so a figure with up to 20 lines never repeats one.
 CYCLE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
          "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7",
          "#dbdb8d", "#9edae5")
@@ -90,6 +90,20 @@ def is_fixed(name: str) -> bool:
     return " + " in name.strip().removeprefix("+")
 
 
+#: Line style of a ``"<method> + <fix>"`` curve, by fix, so that WM + REPAIR and WM + RESCALE differ.
+FIX_LINESTYLES = {"REPAIR": "--", "RESCALE": ":", "RESET": "-.", "TACT": (0, (5, 1, 1, 1, 1, 1))}
+
+
+def line_style(name: str) -> dict:
+    """``marker`` and ``linestyle`` of a named curve: solid with dots for a method, and for
+    ``"<method> + <fix>"`` squares in the fix's dash pattern (:data:`FIX_LINESTYLES`; other fixes dashed)."""
+    if not is_fixed(name):
+        return {"marker": "o", "linestyle": "-"}
+    fix = name.strip().removeprefix("+").split(" + ", 1)[1].strip()
+    key = next((k for k in FIX_LINESTYLES if fix.lower().startswith(k.lower())), None)
+    return {"marker": "s", "linestyle": FIX_LINESTYLES[key] if key else (0, (6, 2))}
+
+
 @contextmanager
 def style() -> Iterator[None]:
     """Apply the vfnb figure style inside a ``with`` block."""
@@ -110,7 +124,7 @@ def _data_points(ax) -> tuple[np.ndarray, list]:
         return (xy[:-1][None] * (1 - t) + xy[1:][None] * t).reshape(-1, 2)
 
     for line in ax.get_lines():
-        if not line.get_visible() or line.get_label() == "_vfnb_ignore":
+        if not line.get_visible():
             continue
         xy = line.get_transform().transform(np.asarray(line.get_xydata(), float))
         joined = line.get_linestyle() not in ("None", "none", "", " ")
@@ -158,32 +172,97 @@ def legend_covers_data(ax) -> bool:
     return _covers(leg.get_window_extent(), points, areas)
 
 
+def _below(ax, leg) -> None:
+    """Put ``leg`` under ``ax`` (in two columns when that fits the axes); :func:`_settle` anchors it."""
+    leg.set_loc("upper center")
+    leg._ncols = 2 if len(leg.get_texts()) >= 2 else 1  # noqa: SLF001 - matplotlib has no setter for ncols
+    leg.set_bbox_to_anchor((0.5, -0.15), transform=ax.transAxes)
+
+
+def _settle(fig: Figure, below: list) -> None:
+    """Anchor every legend of ``below`` (pairs of axes and legend) just under its axes' tick labels and x
+    label. The anchors are in axes coordinates, and the constrained layout shrinks the axes to make room,
+    so they are settled over a few layout passes."""
+    anchors: dict[int, float] = {}
+    for _ in range(5):
+        fig.draw_without_rendering()
+        changed = False
+        for ax, leg in below:
+            box = ax.get_window_extent()
+            if leg._ncols > 1 and leg.get_window_extent().width > 1.1 * box.width:  # noqa: SLF001
+                leg._ncols, changed = 1, True  # noqa: SLF001
+            axis = ax.xaxis.get_tightbbox()
+            bottom = min(axis.y0, box.y0) if axis is not None else box.y0
+            y = (bottom - box.y0 - 3) / max(box.height, 1.0)
+            if abs(y - anchors.get(id(leg), 1.0)) * box.height >= 1:
+                anchors[id(leg)], changed = y, True
+                leg.set_bbox_to_anchor((0.5, y), transform=ax.transAxes)
+        if not changed:
+            return
+
+
+def _wrap_title(ax) -> bool:
+    """Break an axes title that is wider than its axes onto two lines; whether it did."""
+    import textwrap
+    title = ax.title
+    text = title.get_text()
+    if not text or "\n" in text:
+        return False
+    width, room = title.get_window_extent().width, ax.get_window_extent().width
+    if width <= room:
+        return False
+    title.set_text("\n".join(textwrap.wrap(text, max(12, int(len(text) * room / width * 0.95)))))
+    return True
+
+
 def clear_legends(fig: Figure) -> list[str]:
-    """Move every axes legend that covers data: to the first free corner or edge of its axes, else outside
-    on the right (the constrained layout makes room). Called on every figure the book shows
-    (:class:`BookFigure`, :func:`vfnb.widgets.to_png`); returns what moved, for tests."""
-    moved = []
-    if not any(ax.get_legend() is not None for ax in fig.axes):
+    """Lay a figure out for the book's column; return what changed (for tests). Called on every figure the
+    book shows (:class:`BookFigure`, :func:`vfnb.widgets.to_png`).
+
+    - A legend beside its axes (outside, on the right) that would squeeze a panel sharing its row, or that
+      is wider than a third of its axes, goes under the axes instead.
+    - A legend inside the axes that covers data (lines, markers, bars, bands) moves to the first free
+      corner or edge, else under the axes.
+    - A title wider than its axes is broken onto two lines.
+    """
+    moved: list[str] = []
+    below: list = []
+    if not fig.axes:
         return moved
     fig.draw_without_rendering()
+    shared_rows = len(fig.axes) > 1 and any(
+        abs(a.get_position().y0 - b.get_position().y0) < 1e-3 for a in fig.axes for b in fig.axes if a is not b)
     for ax in fig.axes:
         leg = ax.get_legend()
-        if leg is None or not legend_covers_data(ax):
-            continue
-        points, areas = _data_points(ax)
-        for loc in _INSIDE:
-            leg.set_bbox_to_anchor(None)
-            leg.set_loc(loc)
-            fig.draw_without_rendering()
-            if not _covers(leg.get_window_extent(), points, areas):
-                moved.append(f"{ax.get_title() or 'axes'}: {loc}")
-                break
-        else:
-            leg.set_loc("upper left")
-            leg.set_bbox_to_anchor((1.02, 1.0), transform=ax.transAxes)
-            moved.append(f"{ax.get_title() or 'axes'}: outside")
-            fig.draw_without_rendering()
-            points, areas = _data_points(ax)  # the axes shrank to make room
+        name = ax.get_title() or "axes"
+        if leg is not None and leg.get_visible():
+            lb, axb = leg.get_window_extent(), ax.get_window_extent()
+            beside = lb.x0 >= axb.x1 - 2
+            if beside and (shared_rows or lb.width > axb.width / 3):
+                _below(ax, leg)
+                below.append((ax, leg))
+                moved.append(f"{name}: below")
+            elif not beside and legend_covers_data(ax):
+                points, areas = _data_points(ax)
+                for loc in _INSIDE:
+                    leg.set_bbox_to_anchor(None)
+                    leg.set_loc(loc)
+                    fig.draw_without_rendering()
+                    if not _covers(leg.get_window_extent(), points, areas):
+                        moved.append(f"{name}: {loc}")
+                        break
+                else:
+                    _below(ax, leg)
+                    below.append((ax, leg))
+                    moved.append(f"{name}: below")
+    if below:  # the figure grows by the tallest legend, so the panels keep their height
+        tallest = max(leg.get_window_extent().height for _, leg in below) / fig.dpi
+        fig.set_figheight(fig.get_figheight() + tallest)
+        _settle(fig, below)
+    wrapped = [ax for ax in fig.axes if _wrap_title(ax)]  # measured once the legends have their place
+    moved += [f"{ax.get_title()}: title wrapped" for ax in wrapped]
+    if wrapped and below:
+        _settle(fig, below)
     return moved
 
 
@@ -307,7 +386,7 @@ def plot_interpolation(ax, curves: dict[str, dict[str, np.ndarray]], metric: str
     """Accuracy (or loss) against α, one line per named curve."""
     with style():
         for i, (name, c) in enumerate(curves.items()):
-            ax.plot(c["alpha"], c[metric], "s--" if is_fixed(name) else "o-", label=name, color=color(name, i))
+            ax.plot(c["alpha"], c[metric], label=name, color=color(name, i), **line_style(name))
         ax.set_xlabel("α")
         ax.set_ylabel(metric)
         if metric == "accuracy":
@@ -329,7 +408,7 @@ def plot_vf_curves(ax, curves: dict[str, VFCurve], show_ratio: bool = True, lege
     with style():
         for i, (name, c) in enumerate(curves.items()):
             col = (colors or {}).get(name) or color(name, i)
-            ax.plot(c.relative_depth, c.bound, "--" if is_fixed(name) else "-", color=col, label=name)
+            ax.plot(c.relative_depth, c.bound, color=col, label=name, linestyle=line_style(name)["linestyle"])
             if show_ratio:
                 ax.plot(c.relative_depth, c.ratio, "o", color=col, alpha=0.35, ms=3)
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
@@ -437,7 +516,7 @@ def plot_layer_sweep(ax, x: Sequence[float], curves: dict[str, Sequence[float]],
         for i, (name, y) in enumerate(curves.items()):
             base = name.split(" + ")[0]
             col = (colors or {}).get(base) or color(name, i)
-            ax.plot(x, y, "s--" if is_fixed(name) else "o-", color=col, label=name)
+            ax.plot(x, y, color=col, label=name, **line_style(name))
         if edge_mean is not None:
             ax.axhline(edge_mean, color=COLORS["edge"], lw=1, ls=":", label=f"edge average {edge_mean:.3f}")
         if ensemble is not None:
@@ -458,7 +537,7 @@ def plot_cost_curves(ax, curves: dict[str, tuple[Sequence[float], Sequence[float
     """Accuracy against cost: ``curves[name] = (cost ratios, accuracies)`` (PFM vs partial zipping)."""
     with style():
         for i, (name, (c, y)) in enumerate(curves.items()):
-            ax.plot(c, y, "s--" if is_fixed(name) else "o-", color=color(name, i), label=name)
+            ax.plot(c, y, color=color(name, i), label=name, **line_style(name))
         if edge_mean is not None:
             ax.axhline(edge_mean, color=COLORS["edge"], lw=1, ls=":", label=f"edge average {edge_mean:.3f}")
         ax.set_xlabel(xlabel)
@@ -469,7 +548,7 @@ def plot_cost_curves(ax, curves: dict[str, tuple[Sequence[float], Sequence[float
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def _column_format(values: Sequence[object]) -> "Callable[[object], str]":
+def _column_format(values: Sequence[object]) -> Callable[[object], str]:
     """One number format for a whole column, so 0.1 and 0.9705 print as 0.1000 and 0.9705.
 
     Floats get the decimals that show the column's largest magnitude to 4 significant digits (and its

@@ -13,14 +13,24 @@ STATIC = Path(__file__).resolve().parent / "book_static"
 CSS = "vfnb.css"
 
 
+#: What sphinx-thebe adds to a page: its script and stylesheet, Thebe itself from unpkg, and an inline script
+#: that declares ``THEBE_JS_URL``. Matched exactly: widget state scripts hold base64 images, where any
+#: short string such as "thebe" turns up by chance.
+THEBE_FILES = ("sphinx-thebe.js", "sphinx-thebe.css")
+
+
+def _is_thebe(asset: Any) -> bool:
+    filename = str(getattr(asset, "filename", asset) or "")
+    body = str(getattr(asset, "attributes", {}).get("body", ""))
+    return (filename.rsplit("/", 1)[-1].split("?")[0] in THEBE_FILES or "unpkg.com/thebe@" in filename
+            or body.lstrip().startswith("const THEBE_JS_URL"))
+
+
 def _drop_thebe(app: Any, pagename: str, templatename: str, context: dict, doctree: Any) -> None:
     """Remove sphinx-thebe's scripts and stylesheet from a page."""
-    def thebe(asset: Any) -> bool:
-        text = " ".join(str(v) for v in (getattr(asset, "filename", asset), *getattr(asset, "attributes", {}).values()))
-        return "thebe" in text.lower()
     for key in ("script_files", "css_files"):
         if key in context:
-            context[key] = [a for a in context[key] if not thebe(a)]
+            context[key] = [a for a in context[key] if not _is_thebe(a)]
 
 
 def setup(app: Any) -> dict:

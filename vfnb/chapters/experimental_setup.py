@@ -212,9 +212,9 @@ def plot_training(axes: Any, cfg: Config) -> None:
                     continue
                 epochs = range(1, len(hist["train_loss"]) + 1)
                 label = f"{exp}, seed {c.seed}"
-                line, = axes[0].plot(epochs, hist["train_loss"], label=label, lw=1.2)
+                line, = axes[0].plot(epochs, hist["train_loss"], label=label, lw=1.2, marker="o", ms=2.5)
                 if hist.get("test_acc"):
-                    axes[1].plot(epochs, hist["test_acc"], color=line.get_color(), lw=1.2)
+                    axes[1].plot(epochs, hist["test_acc"], color=line.get_color(), lw=1.2, marker="o", ms=2.5)
         axes[0].set_yscale("log")
         axes[0].set(xlabel="epoch", ylabel="training loss", title="edge models: training loss")
         axes[1].set(xlabel="epoch", ylabel="test accuracy", title="edge models: test accuracy")

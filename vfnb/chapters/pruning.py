@@ -381,12 +381,11 @@ def plot_accuracy(ax, res: PruningResult, norm: str, pruners: list[str] | None =
 
 def plot_calibration(ax, res: PruningResult, norm: str) -> None:
     """Appendix A.7: accuracy after the fix against the number of calibration images (log axis)."""
-    from ..plots import COLORS, style
-    colors = list(COLORS.values())
+    from ..plots import style
     with style():
         for i, p in enumerate(res.pruners):
             c = res.calibration[(norm, p)]
-            ax.plot(c["n"], c["accuracy"], "o-", color=colors[i % len(colors)], label=PRUNER_LABELS[p])
+            ax.plot(c["n"], c["accuracy"], "o-", color=color(PRUNER_LABELS[p], i), label=PRUNER_LABELS[p])
         ax.set_xscale("log", base=2)
         sizes = sorted({n for p in res.pruners for n in res.calibration[(norm, p)]["n"]})
         ax.set_xticks(sizes)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..activations import example_input
 from ..config import Config
+from ..plots import CYCLE, color
 from ..data import VisionData
 from ..evaluate import barrier, evaluate, interpolation_curve
 from ..graph import apply_permutation
@@ -36,8 +37,9 @@ INITS = {"kaiming_normal": "Kaiming (normal)", "uniform": "Kaiming uniform"}
 #: (measured at cpu: both seeds at 10 % test accuracy after 10 epochs).
 REBASIN = {"model": "vgg16", "norm": "ln", "init": "uniform", "schedule": "warmup_cosine", "batch_size": 100,
            "weight_decay": 5e-4, "grad_clip": 1.0}
-COLORS = {"VGG": "#2c3e50", "VGG-LN": "#2980b9", "ResNet20-LN": "#27ae60", "direct": "#7f8c8d",
-          "weight matching": "#c0392b", "REPAIR": "#8e44ad", "RESCALE": "#e67e22"}
+#: Architectures in the first colours of the cycle; methods in the book's method colours (:func:`vfnb.plots.color`).
+COLORS = {"VGG": CYCLE[10], "VGG-LN": CYCLE[4], "ResNet20-LN": CYCLE[5],
+          **{m: color(m) for m in ("direct", "weight matching", "REPAIR", "RESCALE")}}
 
 
 @dataclass
@@ -281,12 +283,12 @@ def plot_normalization(ax, res: RecipeResult) -> None:
     wds = list(dict.fromkeys(p.setting["weight decay"] for p in res.norm_pairs))
     methods = (("WM", COLORS["weight matching"]), ("WM + REPAIR", COLORS["REPAIR"]), ("WM + RESCALE", COLORS["RESCALE"]))
     width = 0.26
-    for j, (m, color) in enumerate(methods):
+    for j, (m, col) in enumerate(methods):
         for i, wd in enumerate(wds):
             vals = [100 * p.fixes[m] for p in res.norm_pairs if p.setting["weight decay"] == wd]
             x = i + (j - 1) * width
-            ax.bar(x, np.mean(vals), width, color=color, alpha=0.5, label=m if i == 0 else None)
-            ax.plot([x] * len(vals), vals, "o", color=color, ms=4)
+            ax.bar(x, np.mean(vals), width, color=col, alpha=0.5, label=m if i == 0 else None)
+            ax.plot([x] * len(vals), vals, "o", color=col, ms=4)
     edges = [100 * np.mean([np.mean(p.edge_accuracy) for p in res.norm_pairs if p.setting["weight decay"] == wd])
              for wd in wds]
     for i, e in enumerate(edges):

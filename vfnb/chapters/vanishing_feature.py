@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config
+from ..plots import color
 from ..diagnose import VFCurve, feature_bias, scale_parameters, weight_norms
 from .claims import Claims, all_of
 from .common import ALIGNMENT_NAMES, VF_THRESHOLD, Merged, check_config, load_edges, match_data, merge_pair, test_data
@@ -158,8 +159,9 @@ def plot_degradation(axes, d: Degradation) -> None:
     ax.set_title(f"{d.label} edge 0, weights × λ (dotted: λˡ)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax = axes[1]
-    for (who, n), c in zip(d.norms.items(), ("#7f8c8d", "#c0392b")):
-        ax.plot(np.arange(1, len(n["names"]) + 1), n["merged"] / n["triangle"], marker="o", color=c, label=who)
+    for i, (who, n) in enumerate(d.norms.items()):
+        ax.plot(np.arange(1, len(n["names"]) + 1), n["merged"] / n["triangle"], marker="o", color=color(who, i),
+                label=who)
     ax.axhline(1.0, color="k", lw=0.8, label="triangle bound")
     ax.axhline(2 ** -0.5, color="k", lw=0.8, ls=":", label="1/√2 (independent)")
     ax.set_ylim(0, 1.1)
