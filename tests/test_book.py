@@ -237,3 +237,15 @@ def test_sphinx_extension_drops_thebe_and_adds_the_stylesheet() -> None:
     assert [a.filename for a in context["script_files"]] == ["_static/require.js", None]
     assert [a.filename for a in context["css_files"]] == ["_static/vfnb.css"]
     assert (sphinxext.STATIC / sphinxext.CSS).is_file()
+
+
+def test_setup_chapter_lists_every_parameter_of_every_chapter() -> None:
+    from vfnb.chapters import experimental_setup as setup
+    from vfnb.config import EXPERIMENTS
+    rows = setup.parameters_table("pruning")
+    assert [r["parameter"].strip("`") for r in rows] == list(EXPERIMENTS["pruning"]["cpu"])
+    assert rows[0]["paper"] == repr(EXPERIMENTS["pruning"]["paper"][rows[0]["parameter"].strip("`")])
+    html = setup.parameters_by_chapter().data
+    assert html.count("<details>") == len(EXPERIMENTS)
+    with pytest.raises(ValueError, match="unknown chapter id"):
+        setup.parameters_table("nope")

@@ -305,3 +305,18 @@ def architecture_breakdowns(cfg: Config):
         sections.append((f"{label} ({where}): {total['params']:,} parameters, {total['MACs']:,} MACs",
                          html_table(rows + [total])))
     return collapsible(sections)
+
+
+def parameters_table(experiment: str) -> list[dict[str, str]]:
+    """One chapter's parameters under each profile, one row per parameter (``vfnb.config.EXPERIMENTS``)."""
+    if experiment not in EXPERIMENTS:
+        raise ValueError(f"unknown chapter id {experiment!r}; known: {', '.join(EXPERIMENTS)}")
+    spec = EXPERIMENTS[experiment]
+    return [{"parameter": f"`{name}`", **{p: repr(spec[p][name]) for p in PROFILES}} for name in spec["cpu"]]
+
+
+def parameters_by_chapter() -> Any:
+    """Every chapter's parameters under each profile, one closed section per chapter (they open on a click)."""
+    from ..plots import collapsible, html_table
+    return collapsible([(f"{name} ({len(EXPERIMENTS[name]['cpu'])} parameters)", html_table(parameters_table(name)))
+                        for name in EXPERIMENTS])
