@@ -3,8 +3,8 @@
 On every page: no network, no JavaScript error (no whitelist), figures render and every explorer switches
 figures; no paragraph that is a broken Markdown table; no blank block taller than 40 px in the column;
 every figure shown at >= 75 % of its natural width (or naturally within the column); every table wider
-than the column inside a visible scroll box; no display equation wider than the column; and the map of
-the book lists every page of ``_toc.yml``.
+than the column inside a visible scroll box; no display equation wider than the column; nothing that widens
+the page; and the map of the book lists every page of ``_toc.yml``.
 
 Needs chromium (``apt-get install -y chromium``); the test is skipped without it.
 ``benchmarks/screenshots.py`` takes the same pages' screenshots for a person to look at.
@@ -31,7 +31,10 @@ LAYOUT_JS = r"""() => {
   const label = el => (el.tagName.toLowerCase() + (el.className && typeof el.className === 'string'
                         ? '.' + el.className.trim().split(/\s+/).slice(0, 2).join('.') : '')
                        + ' near "' + (el.previousElementSibling ? el.previousElementSibling.innerText || '' : '').slice(0, 40) + '"');
-  const out = {column, markdown_rows: [], blank: [], small_figures: [], clipped_tables: [], wide_equations: []};
+  const out = {column, markdown_rows: [], blank: [], small_figures: [], clipped_tables: [], wide_equations: [],
+               page_overflow: []};
+  const doc = document.documentElement;  // nothing may widen the page itself (it squeezes the sidebar)
+  if (doc.scrollWidth > doc.clientWidth + 1) out.page_overflow.push(`page is ${doc.scrollWidth} px wide in a ${doc.clientWidth} px window`);
   for (const p of article.querySelectorAll('p')) {
     const first = p.innerText.trim().split('\n')[0];
     if (/^\|.*\|$/.test(first) || /\|\s*[-—:]{2,}\s*\|/.test(p.innerText)) out.markdown_rows.push(first.slice(0, 80));

@@ -119,3 +119,35 @@ def test_fixes_differ_by_line_style_within_a_method_colour() -> None:
     wm, rep, res = (plots.line_style(n) for n in ("WM", "WM + REPAIR", "WM + RESCALE"))
     assert wm["linestyle"] == "-" and len({str(wm), str(rep), str(res)}) == 3
     assert plots.line_style("AM + RESET")["linestyle"] == "-."
+
+
+def test_no_two_curves_share_colour_and_style() -> None:
+    curves = {n: {"alpha": np.array([0.0, 1.0]), "accuracy": np.array([0.5, 0.5])}
+              for n in ("plain, direct", "plain, weight matching", "residual, direct", "residual, weight matching")}
+    fig, (ax,) = plots.figure(width=4.0, height=3.0)
+    plots.plot_interpolation(ax, curves)
+    drawn = [(line.get_color(), str(line.get_linestyle())) for line in ax.get_lines()]
+    assert len(set(drawn)) == 4
+    assert drawn[0][0] == drawn[2][0] == plots.color("direct")  # a method keeps its colour
+    assert drawn[1][0] == drawn[3][0] == plots.color("weight matching")
+
+
+def test_a_table_wider_than_the_column_says_it_scrolls() -> None:
+    narrow = plots.table([{"a": 1.0, "b": 2.0}])
+    wide = plots.table([{f"column number {i}": "a long cell value" for i in range(12)}])
+    assert narrow.estimated_width() < plots.COLUMN_PX and "vfnb-scroll-hint" not in narrow._repr_html_()
+    assert wide.estimated_width() > plots.COLUMN_PX and "12 columns: scroll" in wide._repr_html_()
+
+
+def test_text_drawn_outside_the_style_gets_the_book_sizes() -> None:
+    import matplotlib.pyplot as plt
+    fig, (ax,) = plots.figure(width=4.0, height=3.0)
+    with plt.rc_context(plt.rcParamsDefault):  # as a chapter function that forgot plots.style()
+        ax.plot([0, 1], [0, 1], label="curve")
+        ax.set_title("title")
+        ax.set_xlabel("x")
+        ax.legend(loc="lower right")
+        ax.set_ylabel("y", fontsize=11)  # its own size: kept
+    plots.clear_legends(fig)
+    assert ax.title.get_fontsize() == plots.STYLE["axes.titlesize"] and ax.xaxis.label.get_fontsize() == 9
+    assert ax.get_legend().get_texts()[0].get_fontsize() == 8 and ax.yaxis.label.get_fontsize() == 11

@@ -32,6 +32,8 @@ METHOD_COLORS = {
     "global magnitude": "#393b79", "layerwise magnitude": "#6b6ecf", "Wanda": "#637939",
     "diagonal Fisher": "#843c39",
 }
+#: A BatchNorm model before RESET (no normalization: grey) and after it (RESET's colour), in every panel.
+BEFORE_AFTER_RESET = {"before RESET": METHOD_COLORS["direct"], "after RESET": METHOD_COLORS["RESET"]}
 #: Other names of the methods above.
 METHOD_ALIASES = {"no normalization": "direct", "direct merging": "direct", "plain": "direct", "none": "direct",
                   "wm": "weight matching", "am": "activation matching", "zipit": "ZipIt!", "ot": "OT fusion",
@@ -66,9 +68,9 @@ def color(name: str, fallback: int = 0) -> str:
     """The colour of a method in every figure of the book (:data:`METHOD_COLORS`).
 
     Case and abbreviations do not matter (``"WM"``, ``"weight matching"``); a leading ``"+ "`` is dropped.
-    A combination ``"<method> + <fix>"`` takes its first method's colour (figures draw the fix dashed), and
-    a label that starts with a method (``"REPAIR (weight matching)"``) takes that method's. Anything else
-    takes ``CYCLE[fallback]``."""
+    A combination ``"<method> + <fix>"`` takes its first method's colour (figures draw the fix dashed), a
+    label of comma-separated parts (``"plain, weight matching"``) its last method's, and a label that starts
+    with a method (``"REPAIR (weight matching)"``) that method's. Anything else takes ``CYCLE[fallback]``."""
     lower = {k.lower(): k for k in METHOD_COLORS}
 
     def lookup(text: str) -> str | None:
@@ -78,6 +80,8 @@ def color(name: str, fallback: int = 0) -> str:
 
     first = name.split(" + ")[0] if " + " in name.strip().removeprefix("+") else name
     found = lookup(first)
+    for part in reversed(first.split(",")) if found is None and "," in first else ():  # "plain, weight matching"
+        found = found or lookup(part)
     if found is None:
         words = first.strip().removeprefix("+").strip().lower()
         starts = [k for k in (*lower, *METHOD_ALIASES) if words.startswith(k + " ") or words.startswith(k + ",")]
@@ -92,6 +96,23 @@ def is_fixed(name: str) -> bool:
 
 #: Line style of a ``"<method> + <fix>"`` curve, by fix, so that WM + REPAIR and WM + RESCALE differ.
 FIX_LINESTYLES = {"REPAIR": "--", "RESCALE": ":", "RESET": "-.", "TACT": (0, (5, 1, 1, 1, 1, 1))}
+
+
+_SPARE_DASHES = ((0, (6, 2)), (0, (1, 1.5)), (0, (6, 2, 1.5, 2)), (0, (3, 3)), (0, (8, 2, 1, 2, 1, 2)))
+
+
+def distinct_style(used: set, col: str, style: dict) -> dict:
+    """``style`` for a curve of colour ``col``, with another dash pattern if a curve of the same colour and
+    style is already drawn (two settings of one method, e.g. plain and residual weight matching); ``used``
+    collects what is drawn."""
+    key = (col, str(style["linestyle"]))
+    if key in used:
+        for dash in _SPARE_DASHES:
+            if (col, str(dash)) not in used:
+                style, key = {**style, "linestyle": dash, "marker": "^"}, (col, str(dash))
+                break
+    used.add(key)
+    return style
 
 
 def line_style(name: str) -> dict:
@@ -215,20 +236,45 @@ def _wrap_title(ax) -> bool:
     return True
 
 
+def _restyle(fig: Figure) -> None:
+    """Give text drawn outside :func:`style` (at matplotlib's default sizes: titles 12 pt, labels, ticks and
+    legends 10 pt) the book's sizes; text given its own size keeps it."""
+    for ax in fig.axes:
+        for title in (ax.title, ax._left_title, ax._right_title):  # noqa: SLF001 - the three title slots
+            if title.get_fontsize() == 12.0:
+                title.set_fontsize(STYLE["axes.titlesize"])
+        for label in (ax.xaxis.label, ax.yaxis.label):
+            if label.get_fontsize() == 10.0:
+                label.set_fontsize(STYLE["axes.labelsize"])
+        for tick in (*ax.get_xticklabels(), *ax.get_yticklabels()):
+            if tick.get_fontsize() == 10.0:
+                ax.tick_params(labelsize=STYLE["font.size"])
+                break
+        leg = ax.get_legend()
+        if leg is not None:
+            for text in leg.get_texts():
+                if text.get_fontsize() == 10.0:
+                    text.set_fontsize(STYLE["legend.fontsize"])
+            if leg.get_title().get_fontsize() == 10.0:
+                leg.get_title().set_fontsize(STYLE["legend.fontsize"])
+
+
 def clear_legends(fig: Figure) -> list[str]:
     """Lay a figure out for the book's column; return what changed (for tests). Called on every figure the
     book shows (:class:`BookFigure`, :func:`vfnb.widgets.to_png`).
 
+    - Text drawn outside :func:`style` gets the book's font sizes.
     - A legend beside its axes (outside, on the right) that would squeeze a panel sharing its row, or that
       is wider than a third of its axes, goes under the axes instead.
     - A legend inside the axes that covers data (lines, markers, bars, bands) moves to the first free
-      corner or edge, else under the axes.
+      corner or edge, else under the axes; one that fills more than a third of its axes goes under it.
     - A title wider than its axes is broken onto two lines.
     """
     moved: list[str] = []
     below: list = []
     if not fig.axes:
         return moved
+    _restyle(fig)
     fig.draw_without_rendering()
     shared_rows = len(fig.axes) > 1 and any(
         abs(a.get_position().y0 - b.get_position().y0) < 1e-3 for a in fig.axes for b in fig.axes if a is not b)
@@ -242,6 +288,10 @@ def clear_legends(fig: Figure) -> list[str]:
                 _below(ax, leg)
                 below.append((ax, leg))
                 moved.append(f"{name}: below")
+            elif not beside and lb.width * lb.height > 0.35 * axb.width * axb.height:  # fills the panel
+                _below(ax, leg)
+                below.append((ax, leg))
+                moved.append(f"{name}: below (too large inside)")
             elif not beside and legend_covers_data(ax):
                 points, areas = _data_points(ax)
                 for loc in _INSIDE:
@@ -385,8 +435,10 @@ def plot_variance(ax, merged: FeatureBias, edges: Sequence[FeatureBias], alpha: 
 def plot_interpolation(ax, curves: dict[str, dict[str, np.ndarray]], metric: str = "accuracy") -> None:
     """Accuracy (or loss) against α, one line per named curve."""
     with style():
+        used: set = set()
         for i, (name, c) in enumerate(curves.items()):
-            ax.plot(c["alpha"], c[metric], label=name, color=color(name, i), **line_style(name))
+            col = color(name, i)
+            ax.plot(c["alpha"], c[metric], label=name, color=col, **distinct_style(used, col, line_style(name)))
         ax.set_xlabel("α")
         ax.set_ylabel(metric)
         if metric == "accuracy":
@@ -406,9 +458,11 @@ def plot_vf_curves(ax, curves: dict[str, VFCurve], show_ratio: bool = True, lege
     if not curves:
         raise ValueError("plot_vf_curves needs at least one curve")
     with style():
+        used: set = set()
         for i, (name, c) in enumerate(curves.items()):
             col = (colors or {}).get(name) or color(name, i)
-            ax.plot(c.relative_depth, c.bound, color=col, label=name, linestyle=line_style(name)["linestyle"])
+            ls = distinct_style(used, col, {**line_style(name), "marker": None})["linestyle"]
+            ax.plot(c.relative_depth, c.bound, color=col, label=name, linestyle=ls)
             if show_ratio:
                 ax.plot(c.relative_depth, c.ratio, "o", color=col, alpha=0.35, ms=3)
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
@@ -456,7 +510,8 @@ def plot_bn_stats(ax, before: dict[str, tuple[np.ndarray, np.ndarray]],
     with style():
         for what, k, ls in (("running mean", 0, "--"), ("running std", 1, "-")):
             a = axes[k] if len(axes) > 1 else axes[0]
-            for label, st, col in (("before RESET", before, COLORS["merged"]), ("after RESET", after, COLORS["edge0"])):
+            for label, st in (("before RESET", before), ("after RESET", after)):
+                col = BEFORE_AFTER_RESET[label]
                 a.plot(x, [v[k].mean() for v in st.values()], "o" + ls, color=col, label=f"{what}, {label}")
             a.set_xlabel("BatchNorm layer")
             a.set_xticks(x)
@@ -513,10 +568,11 @@ def plot_layer_sweep(ax, x: Sequence[float], curves: dict[str, Sequence[float]],
     Every curve takes its method's colour (:func:`color`, or ``colors[method]``); a curve named
     ``"<method> + <fix>"`` is drawn dashed in its method's colour."""
     with style():
+        used: set = set()
         for i, (name, y) in enumerate(curves.items()):
             base = name.split(" + ")[0]
             col = (colors or {}).get(base) or color(name, i)
-            ax.plot(x, y, color=col, label=name, **line_style(name))
+            ax.plot(x, y, color=col, label=name, **distinct_style(used, col, line_style(name)))
         if edge_mean is not None:
             ax.axhline(edge_mean, color=COLORS["edge"], lw=1, ls=":", label=f"edge average {edge_mean:.3f}")
         if ensemble is not None:
@@ -536,8 +592,10 @@ def plot_cost_curves(ax, curves: dict[str, tuple[Sequence[float], Sequence[float
                      xlabel: str = "parameters (× one edge model)", title: str = "") -> None:
     """Accuracy against cost: ``curves[name] = (cost ratios, accuracies)`` (PFM vs partial zipping)."""
     with style():
+        used: set = set()
         for i, (name, (c, y)) in enumerate(curves.items()):
-            ax.plot(c, y, color=color(name, i), label=name, **line_style(name))
+            col = color(name, i)
+            ax.plot(c, y, color=col, label=name, **distinct_style(used, col, line_style(name)))
         if edge_mean is not None:
             ax.axhline(edge_mean, color=COLORS["edge"], lw=1, ls=":", label=f"edge average {edge_mean:.3f}")
         ax.set_xlabel(xlabel)
@@ -600,8 +658,20 @@ class Table:
         head = "".join(f"<th>{self._inline(c)}</th>" for c in self.columns)
         body = "".join("<tr>" + "".join(f"<td>{self._inline(v) if i in esc else v}</td>" for i, v in enumerate(row))
                        + "</tr>" for row in self.cells())
+        hint = (f'<p class="vfnb-scroll-hint">{len(self.columns)} columns: scroll the table sideways to see them '
+                "all.</p>" if self.estimated_width() > COLUMN_PX else "")
         return (f'<div class="vfnb-table" style="overflow-x:auto;max-width:100%">'
-                f'<table class="table vfnb"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
+                f'<table class="table vfnb"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{hint}')
+
+    def estimated_width(self) -> float:
+        """A rough width of the rendered table in pixels (7 px per character at the book's table font, the
+        longest word of a header since headers wrap, 16 px of padding per column)."""
+        cells = self.cells()
+        width = 0.0
+        for i, c in enumerate(self.columns):
+            longest = max([len(w) for w in c.split()] + [len(row[i]) for row in cells] + [1])
+            width += 7 * longest + 16
+        return width
 
     def __repr__(self) -> str:
         if not self.rows:

@@ -401,7 +401,7 @@ def plot_landscapes(res: MultiTaskResult, kind: str = "mean"):
                           aspect="equal", interpolation="bilinear")
         ax.contour(g, g, z.T, levels=[0.5, 0.8], colors="white", linewidths=0.8)
         i, j = np.unravel_index(np.argmax(z), z.shape)
-        ax.plot([g[i]], [g[j]], marker="*", color="#e74c3c", ms=9)
+        ax.plot([g[i]], [g[j]], marker="*", color="#e74c3c", ms=9, clip_on=False)
         ax.set_title(f"{s}\nbest {_pct(z.max())} % at λ = ({g[i]:.2g}, {g[j]:.2g})", fontsize=9)
         ax.set_xlabel(f"λ₁ ({res.labels[0]})")
         ax.set_ylabel(f"λ₂ ({res.labels[1]})")
@@ -456,7 +456,8 @@ def plot_tasks(ax, res: MultiTaskResult, method: str) -> None:
         ax.plot(ns, [byn[n].mean for n in ns], marker="o", color=COLORS[v], label=v,
                 ls="--" if v == "local" else "-")
     ax.set_xticks(sorted(res.picks[method][VARIANTS[0]]))
-    ax.set_ylim(0, 1.05)
+    top = max(byn[n].mean for v in VARIANTS for byn in (res.picks[method][v],) for n in byn)
+    ax.set_ylim(0, max(1.05, 1.05 * top))  # a setting may beat its experts (the probe, at small scale)
     ax.set_xlabel("tasks merged")
     ax.set_ylabel("average normalized accuracy")
     ax.set_title(method)
@@ -503,7 +504,8 @@ def render_explorer(res: MultiTaskResult, n: int):
         xs = np.arange(n) + (k - (len(VARIANTS) - 1) / 2) * width
         ax.bar(xs, p.normalized, width=width, color=COLORS[v], label=f"{v} ({_pct(p.mean)} %)")
     ax.set_xticks(np.arange(n), res.labels[:n])
-    ax.set_ylim(0, 1.1)
+    top = max(float(np.max(res.picks["Task Arithmetic"][v][n].normalized)) for v in VARIANTS)
+    ax.set_ylim(0, max(1.1, 1.05 * top))
     ax.set_ylabel("normalized accuracy")
     ax.set_title(f"Task Arithmetic of {n} tasks (λ chosen per setting on training images)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
