@@ -139,7 +139,10 @@ class OfflinePage:
         assert not self.errors, f"JavaScript errors: {self.errors}"
 
     def layout_problems(self) -> dict[str, list[str]]:
-        """What :data:`LAYOUT_JS` finds wrong on the page, by check (only the checks that found something)."""
+        """What :data:`LAYOUT_JS` finds wrong on the page, by check (only the checks that found something),
+        once MathJax has typeset the page."""
+        self.page.evaluate("() => window.MathJax && MathJax.startup && MathJax.startup.promise"
+                           " ? MathJax.startup.promise.then(() => true) : true")
         found = self.page.evaluate(LAYOUT_JS)
         return {k: v for k, v in found.items() if k != "column" and v}
 
