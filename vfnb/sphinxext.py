@@ -34,6 +34,7 @@ def _drop_thebe(app: Any, pagename: str, templatename: str, context: dict, doctr
 
 
 def setup(app: Any) -> dict:
+    """Sphinx's entry point: serve ``book_static/``, add the stylesheet, drop Thebe from every page."""
     app.config.html_static_path.append(str(STATIC))
     app.add_css_file(CSS)
     app.connect("html-page-context", _drop_thebe)
