@@ -13,7 +13,7 @@ import sys
 import tarfile
 import tempfile
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -57,6 +57,25 @@ _TOC_CHILDREN = ("parts", "chapters", "sections")  # keys of a jb-book toc that 
 
 class BookError(ValueError):
     """A usage error found before anything runs: unknown chapter or parameter."""
+
+
+def parse_value(text: str) -> Any:
+    """Type a ``-p`` value like papermill: None, bools, ints, floats, YAML lists/dicts, else str."""
+    low = text.strip().lower()
+    if low in ("none", "null", "~"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (list, dict)) else text
 
 
 # --------------------------------------------------------------------------- locating chapters
@@ -284,15 +303,33 @@ def _environment(name: str, value: str) -> Iterator[None]:
             os.environ[name] = old
 
 
+def validate_run(path: Path, parameters: Mapping[str, Any]) -> None:
+    """Check a chapter's parameters before anything runs: every name must be in its ``parameters`` cell
+    (:class:`BookError`), and for a chapter of :data:`vfnb.config.EXPERIMENTS` every value must pass the chapter's
+    configuration checks (:class:`vfnb.config.ConfigError`, the message the notebook would raise)."""
+    from .config import EXPERIMENTS, resolve
+
+    check_parameters(path, parameters)
+    try:
+        cid = chapter_id(path)
+    except BookError:
+        return  # not a numbered chapter (e.g. a notebook of the user's own): its names are all we can check
+    if cid in EXPERIMENTS:
+        with warnings.catch_warnings():  # sizes clamped to the dataset warn once, when the notebook runs
+            warnings.simplefilter("ignore")
+            resolve(cid, **dict(parameters))
+
+
 def run_chapter(chapter: str | os.PathLike, parameters: Mapping[str, Any] | None = None,
                 output_path: str | os.PathLike | None = None, profile: str | None = None,
                 progress: bool = True, cwd: str | os.PathLike | None = None,
-                root: Path | None = None) -> Path:
+                root: Path | None = None, env: Mapping[str, str] | None = None) -> Path:
     """Execute one chapter with papermill and return the executed notebook's path.
 
-    ``parameters`` are checked against the chapter's ``parameters`` cell *before* anything runs.
+    ``parameters`` are checked (:func:`validate_run`) *before* anything runs.
     ``profile`` is a shortcut for ``parameters["profile"]``. The output defaults to
-    ``_build/executed/<path relative to the repo>``; ``cwd`` defaults to the notebook's folder.
+    ``_build/executed/<path relative to the repo>``; ``cwd`` defaults to the notebook's folder. ``env``: environment
+    variables the kernel sees (e.g. ``VFNB_RESULTS``, ``OMP_NUM_THREADS``).
     """
     import papermill as pm
 
@@ -304,7 +341,7 @@ def run_chapter(chapter: str | os.PathLike, parameters: Mapping[str, Any] | None
             raise BookError(f"profile given twice: profile={profile!r} and parameters['profile']="
                             f"{params['profile']!r}")
         params["profile"] = profile
-    check_parameters(path, params)
+    validate_run(path, params)
     if output_path is None:
         try:
             rel = path.relative_to(root)
@@ -313,7 +350,9 @@ def run_chapter(chapter: str | os.PathLike, parameters: Mapping[str, Any] | None
         output_path = root / "_build" / "executed" / rel
     output = Path(output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with _importable():
+    with _importable(), ExitStack() as stack:
+        for name, value in (env or {}).items():
+            stack.enter_context(_environment(name, str(value)))
         pm.execute_notebook(str(path), str(output), parameters=params, kernel_name="python3",
                             progress_bar=progress, cwd=str(cwd or path.parent))
     return output

@@ -1,30 +1,11 @@
-"""Command line: ``python -m vfnb book|run|list|train``."""
+"""Command line: ``python -m vfnb book|run|sweep|list|train``."""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Any, Sequence
 
-import yaml
-
-
-def parse_value(text: str) -> Any:
-    """Type a ``-p`` value like papermill: None, bools, ints, floats, YAML lists/dicts, else str."""
-    low = text.strip().lower()
-    if low in ("none", "null", "~"):
-        return None
-    if low in ("true", "false"):
-        return low == "true"
-    for number in (int, float):
-        try:
-            return number(text)
-        except ValueError:
-            pass
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    return value if isinstance(value, (list, dict)) else text
+from vfnb.book import parse_value  # noqa: F401  (re-exported: the -p typing rule)
 
 
 def _params(pairs: Sequence[Sequence[str]] | None) -> dict[str, Any]:
@@ -52,6 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-o", "--output", help="executed notebook (default _build/executed/<chapter path>)")
     run.add_argument("--no-progress", action="store_true", help="hide the cell progress bar")
     _add_params(run)
+
+    sw = sub.add_parser("sweep", help="run a grid of parameter sets of one chapter on Dask and gather the results",
+                        description="Run every point of a grid of one chapter's parameters (each a papermill run, as "
+                                    "`vfnb run`) on a Dask LocalCluster or an existing scheduler; skip the points the "
+                                    "output folder already holds; write results.csv/.parquet and a mean ± std summary "
+                                    "over seeds. Example: vfnb sweep 05_4 --profile cpu -g seeds='[[0, 1], [2, 3], [4, 5]]'")
+    sw.add_argument("chapter", nargs="?", help="chapter path, file stem or unique prefix (or 'chapter:' in --grid)")
+    sw.add_argument("-g", "--axis", action="append", default=[], metavar="NAME=[V1, V2]",
+                    help="a grid axis (repeatable); the grid is the product of the axes")
+    sw.add_argument("--grid", metavar="FILE", help="YAML sweep file: grid, points, parameters, chapter, profile")
+    sw.add_argument("--profile", help="size profile: smoke, cpu or paper")
+    sw.add_argument("--out", help="output folder (default _build/sweeps/<chapter>)")
+    sw.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes, one thread each (default 2)")
+    sw.add_argument("--scheduler", metavar="ADDRESS", help="submit to this Dask scheduler instead of a LocalCluster")
+    sw.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_params(sw)
 
     listing = sub.add_parser("list", help="list the chapters and their parameters")
     listing.add_argument("chapter", nargs="?", help="only this chapter")
@@ -84,6 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = book.run_chapter(args.chapter, _params(args.parameter), output_path=args.output,
                                    profile=args.profile, progress=not args.no_progress)
             print(f"executed notebook: {out}")
+        elif args.command == "sweep":
+            from vfnb import sweep
+
+            chapter, grid, params, points, profile = sweep.sweep_spec(args.chapter, args.grid, args.axis,
+                                                                      _params(args.parameter), args.profile)
+            result = sweep.sweep(chapter, grid, params, points, profile=profile, out=args.out, workers=args.workers,
+                                 scheduler=args.scheduler, progress=not args.no_progress,
+                                 argv=["vfnb", *(argv if argv is not None else sys.argv[1:])])
+            return 1 if result.failures else 0
         elif args.command == "list":
             paths = [book.resolve_chapter(args.chapter)] if args.chapter else book.chapters()
             for path in paths:

@@ -86,3 +86,51 @@ def load(chapter: str, profile: str, results_dir: str | os.PathLike | None = Non
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"results file {path} is not valid JSON ({exc}); delete it and re-run the chapter") from exc
+
+
+#: The key under which :func:`record_table` stores a table in a sidecar's results.
+TABLE_KIND = "table"
+
+
+def record_table(cfg: Config, name: str, rows: list[dict[str, Any]], index: str | list[str], percent: bool = True,
+                 results_dir: str | os.PathLike | None = None) -> Path:
+    """Record a table of headline numbers as result ``name``: ``rows`` of dicts whose ``index`` column(s) label
+    the row (strings) and whose other columns are numbers (``None`` for an empty cell). ``percent``: the numbers are
+    fractions shown in % (accuracies, the paper's unit). ``vfnb sweep`` gathers every recorded table into
+    ``results.csv`` and averages it over seeds in the same layout (:mod:`vfnb.sweep`)."""
+    keys = [index] if isinstance(index, str) else list(index)
+    if not keys:
+        raise ValueError("a recorded table needs at least one index column that labels its rows")
+    clean = []
+    for r in rows:
+        missing = [k for k in keys if k not in r]
+        if missing:
+            raise ValueError(f"table {name!r}: a row lacks the index column(s) {', '.join(missing)}: {r}")
+        row = {k: str(r[k]) for k in keys}
+        for col, v in r.items():
+            if col in keys:
+                continue
+            if v is not None and not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, bool):
+                raise ValueError(f"table {name!r}: column {col!r} holds {v!r}; recorded tables hold numbers "
+                                 f"(format them only for display), or name the column in index=")
+            row[col] = None if v is None else float(v)
+        clean.append(row)
+    labels = [tuple(r[k] for k in keys) for r in clean]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"table {name!r}: two rows have the same label in {keys}; labels must be unique")
+    return record(cfg, name, {"kind": TABLE_KIND, "index": keys, "percent": bool(percent), "rows": clean}, results_dir)
+
+
+def table(cfg: Config, name: str, rows: list[dict[str, Any]], index: str | list[str], percent: bool = True,
+          results_dir: str | os.PathLike | None = None, **display: Any):
+    """:func:`record_table`, then return :func:`vfnb.plots.table` of ``rows`` (``display``: its keyword arguments),
+    so that a chapter records exactly the numbers it shows."""
+    from .plots import table as show
+    record_table(cfg, name, rows, index, percent, results_dir)
+    return show(rows, **display)
+
+
+def tables(data: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The tables (:func:`record_table`) in a loaded sidecar: name -> ``{"index": [...], "rows": [...]}``."""
+    found = (data or {}).get("results", {})
+    return {k: v for k, v in found.items() if isinstance(v, dict) and v.get("kind") == TABLE_KIND}

@@ -303,6 +303,32 @@ def _pfm_table(pairs: list[PairResult], layers: Sequence[int], L: int, columns: 
     return rows
 
 
+def _pfm_values(pairs: list[PairResult], layers: Sequence[int], L: int, columns: list[Fix], attr: str,
+                prefix: str) -> list[dict[str, Any]]:
+    """The numbers behind :func:`_pfm_table`: accuracy (fraction, mean over this run's pairs) per row and column."""
+    mean = lambda values: float(np.mean(values))  # noqa: E731
+    rows = [{"Model": "Model 1", "Direct": mean([p.edge_acc[0] for p in pairs])},
+            {"Model": "Model 2", "Direct": mean([p.edge_acc[1] for p in pairs])},
+            {"Model": "Ensemble", "Direct": mean([p.ensemble for p in pairs])}]
+    for l in layers:
+        row: dict[str, Any] = {"Model": f"PFM {l}/{L}", "Direct": mean([p.table[(l, "Direct")] for p in pairs])}
+        for c in columns:
+            row[f"{prefix}{c.label}"] = mean([getattr(p, attr)[(l, c)] for p in pairs])
+        rows.append(row)
+    return rows
+
+
+def table1_values(res: PFMResult) -> list[dict[str, Any]]:
+    """Paper Table 1's accuracies as numbers (fractions; the mean over this run's pairs), in :func:`table1`'s
+    layout: what the chapter records (:func:`vfnb.results.record_table`) for ``vfnb sweep``."""
+    return _pfm_values(res.vgg, res.cfg.pfm_layers, res.num_layers, list(COLUMNS[res.cfg.norm == "bn"]), "table", "AM ")
+
+
+def resnet_values(res: PFMResult) -> list[dict[str, Any]]:
+    """Appendix Table 7's accuracies as numbers, in :func:`resnet_table`'s layout."""
+    return _pfm_values(res.resnet, res.cfg.resnet_layers, res.resnet_layers_total, [Fix.NONE, Fix.RESET], "table", "AM ")
+
+
 def table1(res: PFMResult) -> list[dict[str, str]]:
     """Paper Table 1 at this scale: PFM_{l/L} at α with direct merging and AM + each normalization,
     edge models and ensemble; accuracy in %, **bold** above the edge models' average."""

@@ -300,6 +300,24 @@ def training_table(cfg: Config) -> list[dict[str, Any]]:
     return rows
 
 
+def accuracy_values(res: PruningResult, norm: str) -> list[dict[str, Any]]:
+    """The numbers of :func:`accuracy_table` (Fig. 5 C/D): per sparsity, each pruner's accuracy without and with the
+    fix, and the unpruned model; what the chapter records (:func:`vfnb.results.record_table`) for ``vfnb sweep``."""
+    fix = res.fix(norm).label
+    rows: list[dict[str, Any]] = []
+    for i, s in enumerate(res.sparsities):
+        row: dict[str, Any] = {"sparsity": f"{s:g}"}
+        for p in res.pruners:
+            c = res.accuracy[(norm, p)]
+            row[PRUNER_LABELS[p]] = float(c["before"][i])
+            row[f"{PRUNER_LABELS[p]} + {fix}"] = float(c["after"][i])
+        rows.append(row)
+    base = float(res.base[norm]["accuracy"])
+    rows.append({"sparsity": "unpruned", **{k: base for k in rows[0] if k != "sparsity"}} if rows else
+                {"sparsity": "unpruned"})
+    return rows
+
+
 def accuracy_table(res: PruningResult, norm: str) -> list[dict[str, Any]]:
     """Per sparsity: accuracy of every pruner without and with the fix (one model)."""
     fix = res.fix(norm).label
