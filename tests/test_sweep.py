@@ -90,12 +90,12 @@ def test_summary_in_the_tables_layout():
     rows = [{"x": 1, "seed": s, "status": "done", "t: a | v": 0.5 + 0.1 * s, "claims: c | holds here": h}
             for s, h in ((0, "yes"), (1, "yes"), (2, "no"))]
     rows.append({"x": 1, "seed": 3, "status": "failed"})  # failed points are left out
-    summary = sweep.summarize(rows, ["x", "seed"])
+    summary = results.summarize(rows, ["x", "seed"])
     cell = next(s for s in summary if s["table"] == "t")
     assert cell["n"] == 3 and cell["mean"] == pytest.approx(0.6) and cell["std"] == pytest.approx(0.0816497, rel=1e-5)
     claim = next(s for s in summary if s["table"] == "claims")
     assert claim["values"] == "yes ×2, no ×1" and claim["mean"] is None
-    layout = sweep.summary_tables(summary, percent=["t"])
+    layout = results.summary_tables(summary, percent=["t"])
     assert layout[("x=1", "t")] == [{"": "a", "v": "60.00 ± 8.16", "n": "3"}]
 
 

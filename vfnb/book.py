@@ -600,10 +600,83 @@ def stage_path(stage: Path, chapter: Path, root: Path) -> Path:
     return Path(stage) / chapter.relative_to(root)
 
 
+#: Chapters that read what other chapters recorded (:mod:`vfnb.results`, committed sweep results): they are cheap
+#: and always executed, never served from the cache of executed chapters.
+READS_RESULTS = frozenset({"conclusion", "reproduction"})
+#: Folder of the zoo (``VFNB_CACHE``) that holds executed chapters, keyed by :func:`run_key`.
+EXECUTED = ".executed"
+
+
+def source_digest() -> str:
+    """A hash of the installed ``vfnb`` package's source (every ``.py`` and static file) and of torch's and Python's
+    versions: what an executed chapter depends on besides its notebook and parameters."""
+    import hashlib
+    import platform
+
+    import torch
+
+    h = hashlib.sha256(f"torch {torch.__version__} python {platform.python_version()}".encode())
+    package = Path(__file__).resolve().parent
+    for f in sorted(package.rglob("*")):
+        if f.is_file() and f.suffix in (".py", ".css", ".js") and "__pycache__" not in f.parts:
+            h.update(str(f.relative_to(package)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def run_key(path: Path, parameters: Mapping[str, Any], digest: str | None = None) -> str:
+    """The cache key of one executed chapter: its notebook's bytes, its parameters and :func:`source_digest` (the
+    zoo's entries are keyed by their configuration the same way, so a warm zoo plus an unchanged chapter and library
+    is a cache hit). Runtime parameters (device, cache and data folders) are part of the key."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(Path(path).read_bytes())
+    h.update(json.dumps(dict(parameters), sort_keys=True, default=str).encode())
+    h.update((digest or source_digest()).encode())
+    return h.hexdigest()[:24]
+
+
+def _cached_run(path: Path, params: Mapping[str, Any], output: Path, results_dir: Path, profile: str,
+                progress: bool, root: Path, use_cache: bool, digest: str) -> bool:
+    """Execute ``path`` into ``output`` (its results into ``results_dir``), or copy both from the cache of executed
+    chapters; return whether the cache served it. A fresh run is stored in the cache (atomically, as a folder)."""
+    from .config import default_cache_dir
+
+    cid = chapter_id(path)
+    cacheable = use_cache and cid not in READS_RESULTS
+    entry = default_cache_dir() / EXECUTED / run_key(path, {**params, "profile": profile}, digest) if cacheable else None
+    sidecar = results_dir / profile / f"{cid}.json"
+    if entry is not None and (entry / "chapter.ipynb").is_file():
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(entry / "chapter.ipynb", output)
+        if (entry / "results.json").is_file():
+            sidecar.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(entry / "results.json", sidecar)
+        return True
+    run_chapter(path, params, output_path=output, profile=profile, progress=progress, root=root,
+                env={"VFNB_RESULTS": str(results_dir)})
+    if entry is not None:
+        try:
+            tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            shutil.copy2(output, tmp / "chapter.ipynb")
+            if sidecar.is_file():
+                shutil.copy2(sidecar, tmp / "results.json")
+            if entry.exists():
+                shutil.rmtree(entry)
+            os.replace(tmp, entry)
+        except OSError as exc:  # a read-only or full cache: the build goes on, uncached
+            warnings.warn(f"could not store {path.stem} in the cache of executed chapters ({exc})", RuntimeWarning)
+    return False
+
+
 def build_book(profile: str = "cpu", out_dir: str | os.PathLike = "_build",
                chapters: Iterable[str | os.PathLike] | None = None,
                parameters: Mapping[str, Any] | None = None, progress: bool = True,
-               root: Path | None = None) -> Path:
+               root: Path | None = None, use_cache: bool = True) -> Path:
     """Execute every chapter at ``profile`` and build the HTML book; return ``index.html``.
 
     The chapters record their results (:mod:`vfnb.results`) under ``<out_dir>/results``, where the conclusion
@@ -611,7 +684,15 @@ def build_book(profile: str = "cpu", out_dir: str | os.PathLike = "_build",
 
     ``parameters`` go to every chapter whose parameters cell declares them; a name that no
     selected chapter declares is an error. ``chapters`` limits the build to some chapters.
+
+    With ``use_cache`` (the default), a chapter whose notebook, parameters and library source (:func:`run_key`) are
+    those of an earlier build is copied from the zoo's cache of executed chapters instead of being run again; the
+    pages that read recorded results (:data:`READS_RESULTS`) always run. Each chapter's wall time (and whether it
+    was cached) is printed and written to ``<out_dir>/timings.json``.
     """
+    import json
+    import time
+
     root = _root(root)
     selected = [resolve_chapter(c, root) for c in chapters] if chapters is not None else _all_chapters(root)
     params = dict(parameters or {})
@@ -620,15 +701,26 @@ def build_book(profile: str = "cpu", out_dir: str | os.PathLike = "_build",
     if missing:
         raise BookError(f"no chapter takes parameter(s) {', '.join(missing)}; allowed: "
                         f"{', '.join(sorted(set().union(*declared.values())))}")
+    for path in selected:  # every chapter's values are checked before the first one runs
+        validate_run(path, {**{k: v for k, v in params.items() if k in declared[path]}, "profile": profile})
     stage = prepare_stage(out_dir, selected if chapters is not None else None, root=root)
-    # every chapter records its results (vfnb.results) inside the build, where the conclusion page reads them
-    with _environment("VFNB_RESULTS", str(Path(out_dir).resolve() / "results")):
-        for i, path in enumerate(selected, 1):
-            print(f"[{i}/{len(selected)}] executing {path.stem} (profile {profile})", flush=True)
-            own = {k: v for k, v in params.items() if k in declared[path]}
-            run_chapter(path, own, output_path=stage_path(stage, path, root), profile=profile,
-                        progress=progress, root=root)
+    results_dir = Path(out_dir).resolve() / "results"  # where the conclusion page reads every chapter's results
+    digest = source_digest()
+    timings = []
+    for i, path in enumerate(selected, 1):
+        print(f"[{i}/{len(selected)}] executing {path.stem} (profile {profile})", flush=True)
+        own = {k: v for k, v in params.items() if k in declared[path]}
+        start = time.perf_counter()
+        cached = _cached_run(path, own, stage_path(stage, path, root), results_dir, profile, progress, root,
+                             use_cache, digest)
+        seconds = time.perf_counter() - start
+        timings.append({"chapter": path.stem, "seconds": round(seconds, 1), "cached": cached})
+        print(f"      {path.stem}: {seconds:.0f} s{' (from the cache of executed chapters)' if cached else ''}",
+              flush=True)
     print("building HTML with jupyter-book ...", flush=True)
+    start = time.perf_counter()
     index = render_book(stage, out_dir)
+    timings.append({"chapter": "(jupyter-book)", "seconds": round(time.perf_counter() - start, 1), "cached": False})
+    Path(out_dir, "timings.json").write_text(json.dumps({"profile": profile, "chapters": timings}, indent=1))
     print(f"book written to {index}")
     return index

@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     book.add_argument("--profile", default="cpu", help="size profile: smoke, cpu or paper (default cpu)")
     book.add_argument("--out", default="_build", help="output folder (default _build)")
     book.add_argument("-c", "--chapter", action="append", help="build only these chapters (repeatable)")
+    book.add_argument("--no-cache", action="store_true",
+                      help="execute every chapter, even those whose notebook, parameters and library are unchanged")
     _add_params(book)
 
     run = sub.add_parser("run", help="execute one chapter with papermill")
@@ -76,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "book":
             book.build_book(profile=args.profile, out_dir=args.out, chapters=args.chapter,
-                            parameters=_params(args.parameter))
+                            parameters=_params(args.parameter), use_cache=not args.no_cache)
         elif args.command == "run":
             out = book.run_chapter(args.chapter, _params(args.parameter), output_path=args.output,
                                    profile=args.profile, progress=not args.no_progress)

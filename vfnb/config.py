@@ -226,6 +226,9 @@ PARAMS.update({
 PARAMS.update({
     "results_dir": Param(_optional(lambda v: isinstance(v, (str, os.PathLike))), "a directory path or None",
                          "where chapters record their results (default: $VFNB_RESULTS or ~/.cache/vfnb/results)"),
+    # --- reproduction page (vfnb.chapters.reproduction)
+    "sweeps_dir": Param(_optional(lambda v: isinstance(v, (str, os.PathLike))), "a directory path or None",
+                        "folder of committed sweep results (default: results/ in the source checkout)"),
 })
 
 # ------------------------------------------------------------------------------------------------------------
@@ -274,6 +277,8 @@ EXPERIMENTS["training_recipe"] = {
 }
 # Paper §6: the claims every chapter recorded at this profile, gathered (vfnb.results).
 EXPERIMENTS["conclusion"] = {p: {"results_dir": None} for p in PROFILES}
+# The reproduction page reads the sweeps committed under results/ (vfnb.chapters.reproduction.RESULTS by default).
+EXPERIMENTS["reproduction"] = {p: {"sweeps_dir": None} for p in PROFILES}
 # Paper §1: the linear networks of §4 in one figure; only where things live can be chosen.
 EXPERIMENTS["introduction"] = {p: {"data_root": None} for p in PROFILES}
 # Paper §2: direct, weight-matching and activation-matching merging of two VGG16 edge models.
@@ -399,7 +404,7 @@ EXPERIMENTS["multitask_merging"] = {
 # reading order (_toc.yml; tests/test_chapter_registry.py checks both)
 _ORDER = ("introduction", "preliminaries", "experimental_setup", "linear_networks", "vanishing_feature",
           "merging_through_vf", "enhanced_normalization", "preserve_first_merging", "pruning", "closed_forms",
-          "training_recipe", "vision_transformers", "multitask_merging", "conclusion")
+          "training_recipe", "vision_transformers", "multitask_merging", "reproduction", "conclusion")
 EXPERIMENTS = {c: {p: {**{k: v for k, v in d.items() if k not in _RUNTIME}, **_RUNTIME}
                    for p, d in EXPERIMENTS[c].items()} for c in _ORDER}
 

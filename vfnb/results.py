@@ -11,7 +11,7 @@ import datetime as _dt
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -134,3 +134,84 @@ def tables(data: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """The tables (:func:`record_table`) in a loaded sidecar: name -> ``{"index": [...], "rows": [...]}``."""
     found = (data or {}).get("results", {})
     return {k: v for k, v in found.items() if isinstance(v, dict) and v.get("kind") == TABLE_KIND}
+
+
+# --------------------------------------------------------------------------- many runs: cells and mean ± std
+#: Parameters whose values are the random seeds: :func:`summarize` averages over them (every other parameter, except
+#: the runtime ones, identifies a group).
+SEED_PARAMS = ("seeds", "seed")
+#: Parameters that say where a run happened, not what it computed (ignored for grouping).
+RUNTIME_PARAMS = RUNTIME
+
+
+def describe(params: Mapping[str, Any]) -> str:
+    """``name=value, ...`` (a group of runs, a grid point) for tables and messages."""
+    return ", ".join(f"{k}={v!r}" for k, v in params.items()) or "(defaults)"
+
+
+def cells(data: dict[str, Any] | None) -> dict[str, Any]:
+    """Every cell of every recorded table of one run (a loaded sidecar), ``"<table>: <row> | <column>"`` -> number, and the verdict of
+    each claim of its claims table (:func:`vfnb.chapters.claims.show`), ``"claims: <claim> | holds here"`` -> text."""
+    out: dict[str, Any] = {}
+    for name, tab in tables(data).items():
+        for row in tab["rows"]:
+            label = " / ".join(row[k] for k in tab["index"])
+            for col, value in row.items():
+                if col not in tab["index"]:
+                    out[f"{name}: {label} | {col}"] = value
+    for row in (data or {}).get("results", {}).get("claims") or []:
+        out[f"claims: {row['claim']} | holds here"] = row["holds here"]
+    return out
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], param_names: Sequence[str]) -> list[dict[str, Any]]:
+    """Mean ± std (numpy's ``std``, ddof 0, as the chapters' own tables) of every recorded cell over the finished
+    points that share every non-seed parameter: long-form rows ``group``, ``table``, ``row``, ``column``, ``mean``,
+    ``std``, ``n``."""
+    keys = [n for n in param_names if n not in SEED_PARAMS and n not in RUNTIME_PARAMS]
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        if r["status"] == "done":
+            groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    out = []
+    for gkey, members in groups.items():
+        cells = list(dict.fromkeys(c for m in members for c in m if ": " in c and " | " in c
+                                   and c not in param_names))
+        for cell in cells:
+            values = [m[cell] for m in members if m.get(cell) not in (None, "")]
+            if not values:
+                continue
+            name, rest = cell.split(": ", 1)
+            label, column = rest.rsplit(" | ", 1)
+            entry = {"group": describe(dict(zip(keys, gkey))), **dict(zip(keys, gkey)), "table": name,
+                     "row": label, "column": column, "n": len(values)}
+            if all(isinstance(v, (int, float)) for v in values):
+                entry.update(mean=float(np.mean(values)), std=float(np.std(values)), values="")
+            else:  # verdicts: how often each occurred
+                counts = {v: values.count(v) for v in dict.fromkeys(values)}
+                entry.update(mean=None, std=None, values=", ".join(f"{v} ×{c}" for v, c in counts.items()))
+            out.append(entry)
+    return out
+
+
+def summary_tables(summary: Sequence[Mapping[str, Any]], percent: Iterable[str] = ()
+                   ) -> dict[tuple[str, str], list[dict[str, str]]]:
+    """The summary in each recorded table's own layout: ``(group, table)`` -> rows of ``mean ± std`` cells (in % for
+    the tables named in ``percent``, the paper's unit for accuracies), ``n`` in the last column."""
+    percent = set(percent)
+    out: dict[tuple[str, str], dict[str, dict[str, str]]] = {}
+    counts: dict[tuple[str, str, str], int] = {}
+    for s in summary:
+        rows = out.setdefault((s["group"], s["table"]), {})
+        row = rows.setdefault(s["row"], {"": s["row"]})
+        if s["mean"] is None:
+            row[s["column"]] = s["values"]
+        elif s["table"] in percent:
+            row[s["column"]] = f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
+        else:
+            row[s["column"]] = f"{s['mean']:.4g} ± {s['std']:.2g}"
+        counts[(s["group"], s["table"], s["row"])] = max(counts.get((s["group"], s["table"], s["row"]), 0), s["n"])
+    return {k: [{**r, "n": str(counts[(k[0], k[1], label)])} for label, r in rows.items()]
+            for k, rows in out.items()}
+
+

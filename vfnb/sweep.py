@@ -36,19 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import numpy as np
 import yaml
 
 from . import book
 from .config import ConfigError
-from .results import load, tables
+from .results import cells, describe, load, summarize, summary_tables, tables
 from .train import atomic_save
 
-#: Parameters whose values are the random seeds: the summary averages over them (every other parameter, except
-#: the runtime ones, identifies a group).
-SEED_PARAMS = ("seeds", "seed")
-#: Parameters that say where a point ran, not what it computed (kept in results.csv, ignored for grouping).
-RUNTIME_PARAMS = ("device", "cache_dir", "data_root")
 #: Fixed columns of results.csv after the parameters.
 STATUS_COLUMNS = ("point", "status", "seconds", "worker", "error")
 POINT_FILE = "point.json"
@@ -133,11 +127,6 @@ def point_id(params: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def describe(params: Mapping[str, Any]) -> str:
-    """``name=value, ...`` for messages."""
-    return ", ".join(f"{k}={v!r}" for k, v in params.items()) or "(defaults)"
-
-
 def validate(chapter: Path, points: Sequence[Mapping[str, Any]]) -> None:
     """Check every point before anything runs (:func:`vfnb.book.validate_run`, so the messages are those of
     ``vfnb run``); raise :class:`SweepError` listing every point that fails."""
@@ -215,21 +204,6 @@ def _error_text(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- gathering
-def _cell_columns(data: dict[str, Any] | None) -> dict[str, Any]:
-    """Every cell of every recorded table of one point, ``"<table>: <row> | <column>"`` -> number, and the verdict of
-    each claim of its claims table (:func:`vfnb.chapters.claims.show`), ``"claims: <claim> | holds here"`` -> text."""
-    out: dict[str, Any] = {}
-    for name, tab in tables(data).items():
-        for row in tab["rows"]:
-            label = " / ".join(row[k] for k in tab["index"])
-            for col, value in row.items():
-                if col not in tab["index"]:
-                    out[f"{name}: {label} | {col}"] = value
-    for row in (data or {}).get("results", {}).get("claims") or []:
-        out[f"claims: {row['claim']} | holds here"] = row["holds here"]
-    return out
-
-
 def _param_text(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
@@ -278,62 +252,11 @@ def gather(out: str | os.PathLike, points: Sequence[Mapping[str, Any]], chapter_
             found = sorted((folder / "results").glob(f"*/{chapter_id}.json"))  # the profile the notebook ran at
             profile = params.get("profile") or (found[0].parent.name if found else "cpu")
             data = load(chapter_id, profile, folder / "results")
-            row.update(_cell_columns(data))
+            row.update(cells(data))
             for name, tab in tables(data).items():
                 layouts.setdefault(name, {"index": tab["index"], "percent": tab.get("percent", False)})
         rows.append(row)
     return rows, layouts
-
-
-def summarize(rows: Sequence[Mapping[str, Any]], param_names: Sequence[str]) -> list[dict[str, Any]]:
-    """Mean ± std (numpy's ``std``, ddof 0, as the chapters' own tables) of every recorded cell over the finished
-    points that share every non-seed parameter: long-form rows ``group``, ``table``, ``row``, ``column``, ``mean``,
-    ``std``, ``n``."""
-    keys = [n for n in param_names if n not in SEED_PARAMS and n not in RUNTIME_PARAMS]
-    groups: dict[tuple, list[Mapping[str, Any]]] = {}
-    for r in rows:
-        if r["status"] == "done":
-            groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
-    out = []
-    for gkey, members in groups.items():
-        cells = list(dict.fromkeys(c for m in members for c in m if ": " in c and " | " in c
-                                   and c not in param_names))
-        for cell in cells:
-            values = [m[cell] for m in members if m.get(cell) not in (None, "")]
-            if not values:
-                continue
-            name, rest = cell.split(": ", 1)
-            label, column = rest.rsplit(" | ", 1)
-            entry = {"group": describe(dict(zip(keys, gkey))), **dict(zip(keys, gkey)), "table": name,
-                     "row": label, "column": column, "n": len(values)}
-            if all(isinstance(v, (int, float)) for v in values):
-                entry.update(mean=float(np.mean(values)), std=float(np.std(values)), values="")
-            else:  # verdicts: how often each occurred
-                counts = {v: values.count(v) for v in dict.fromkeys(values)}
-                entry.update(mean=None, std=None, values=", ".join(f"{v} ×{c}" for v, c in counts.items()))
-            out.append(entry)
-    return out
-
-
-def summary_tables(summary: Sequence[Mapping[str, Any]], percent: Iterable[str] = ()
-                   ) -> dict[tuple[str, str], list[dict[str, str]]]:
-    """The summary in each recorded table's own layout: ``(group, table)`` -> rows of ``mean ± std`` cells (in % for
-    the tables named in ``percent``, the paper's unit for accuracies), ``n`` in the last column."""
-    percent = set(percent)
-    out: dict[tuple[str, str], dict[str, dict[str, str]]] = {}
-    counts: dict[tuple[str, str, str], int] = {}
-    for s in summary:
-        rows = out.setdefault((s["group"], s["table"]), {})
-        row = rows.setdefault(s["row"], {"": s["row"]})
-        if s["mean"] is None:
-            row[s["column"]] = s["values"]
-        elif s["table"] in percent:
-            row[s["column"]] = f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
-        else:
-            row[s["column"]] = f"{s['mean']:.4g} ± {s['std']:.2g}"
-        counts[(s["group"], s["table"], s["row"])] = max(counts.get((s["group"], s["table"], s["row"]), 0), s["n"])
-    return {k: [{**r, "n": str(counts[(k[0], k[1], label)])} for label, r in rows.items()]
-            for k, rows in out.items()}
 
 
 def _markdown(rows: Sequence[Mapping[str, Any]]) -> str:
