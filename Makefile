@@ -34,12 +34,14 @@ test: $(STAMP)  ## all tests: unit, smoke run of every chapter, smoke book in he
 test-fast: $(STAMP)  ## tests without notebook runs, book builds or browser
 	$(PY) -m pytest -q -m "not slow and not browser"
 
-bench: $(STAMP)  ## wall times against their goals (smoke chapters 30 s each; §4 cpu 180 s cold, 30 s warm; WM 2 s and 5x the plain Git Re-Basin descent, AM 1.5x forward; REPAIR α sweep <= 2 passes per α)
+bench: $(STAMP)  ## wall times against their goals (smoke chapters 30 s each; §4 cpu 180 s cold, 30 s warm; WM 2 s and 5x the plain Git Re-Basin descent, AM 1.5x forward; REPAIR α sweep <= 2 passes per α; sweep of 4 smoke points on 2 workers >= 1.5x serial; cpu book <= 45 min cold on a fresh zoo, <= 5 min warm: over an hour)
 	$(PY) benchmarks/bench_smoke_chapters.py
 	$(PY) benchmarks/bench_chapter4.py
 	$(PY) benchmarks/bench_matching.py
 	$(PY) benchmarks/bench_repair_sweep.py
 	$(PY) benchmarks/bench_wm_reference.py --quick
+	$(PY) benchmarks/bench_sweep.py
+	$(PY) benchmarks/bench_book.py --profile cpu
 
 census: $(STAMP)  ## the alignment engine over torchvision's 80 classification models (slow; writes benchmarks/results/census.json)
 	$(PY) benchmarks/bench_census.py --json benchmarks/results/census.json

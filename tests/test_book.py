@@ -249,3 +249,37 @@ def test_setup_chapter_lists_every_parameter_of_every_chapter() -> None:
     assert html.count("<details>") == len(EXPERIMENTS)
     with pytest.raises(ValueError, match="unknown chapter id"):
         setup.parameters_table("nope")
+
+
+# --------------------------------------------------------------------------- cache of executed chapters
+def test_an_unchanged_chapter_comes_from_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same notebook, parameters and library: the second build copies the executed chapter (and its recorded
+    results) instead of running it; another parameter value, an edited notebook or use_cache=False run it."""
+    import json
+
+    monkeypatch.setenv("VFNB_CACHE", str(tmp_path / "zoo"))
+    root = _fake_root(tmp_path / "src", ["01_a"])
+    chapter = root / "book" / "01_a.ipynb"
+    results_dir = tmp_path / "results"
+    sidecar = results_dir / "smoke" / "a.json"
+
+    def run(params, name, **kw):
+        out = tmp_path / name
+        cached = book.execute_chapter(chapter, params, out, results_dir, "smoke", progress=False, root=root, **kw)
+        return cached, nbformat.read(out, as_version=4)
+
+    first, nb1 = run({"scale": 2.0}, "1.ipynb")
+    sidecar.parent.mkdir(parents=True, exist_ok=True)
+    assert not first
+    entry = tmp_path / "zoo" / book.EXECUTED / book.run_key(chapter, {"scale": 2.0, "profile": "smoke"})
+    (entry / "results.json").write_text(json.dumps({"chapter": "a"}))  # as if the chapter had recorded results
+    second, nb2 = run({"scale": 2.0}, "2.ipynb")
+    assert second and nb2.cells[2].outputs == nb1.cells[2].outputs
+    assert json.loads(sidecar.read_text()) == {"chapter": "a"}, "the recorded results come with the notebook"
+    assert not run({"scale": 3.0}, "3.ipynb")[0]
+    assert not run({"scale": 2.0}, "4.ipynb", use_cache=False)[0]
+    nb = nbformat.read(chapter, as_version=4)
+    nb.cells[2].source += "\nprint('edited')"
+    nbformat.write(nb, chapter)
+    assert not run({"scale": 2.0}, "5.ipynb")[0]
+    assert book.run_key(chapter, {"a": 1}, "x") != book.run_key(chapter, {"a": 1}, "y"), "the library source is in the key"

@@ -182,3 +182,15 @@ def test_two_workers_asking_for_one_edge_model_train_it_once(tmp_path):
         digests = client.gather(futures)
     assert log.read_text().count("trained") == 1
     assert digests[0] == digests[1]
+
+
+def test_configs_and_points_pickle():
+    """Grid points travel to Dask workers by pickle; a Config does too (e.g. in a user's own task)."""
+    import pickle
+
+    from vfnb.config import resolve
+    cfg = resolve("preserve_first_merging", "smoke", seeds=[2, 3])
+    again = pickle.loads(pickle.dumps(cfg))
+    assert again == cfg and again.seeds == [2, 3] and again.experiment == "preserve_first_merging"
+    points = sweep.expand({"seeds": [[0, 1], [2, 3]]}, {"profile": "smoke"})
+    assert pickle.loads(pickle.dumps(points)) == points

@@ -637,13 +637,19 @@ def run_key(path: Path, parameters: Mapping[str, Any], digest: str | None = None
     return h.hexdigest()[:24]
 
 
-def _cached_run(path: Path, params: Mapping[str, Any], output: Path, results_dir: Path, profile: str,
-                progress: bool, root: Path, use_cache: bool, digest: str) -> bool:
-    """Execute ``path`` into ``output`` (its results into ``results_dir``), or copy both from the cache of executed
-    chapters; return whether the cache served it. A fresh run is stored in the cache (atomically, as a folder)."""
+def execute_chapter(path: Path, params: Mapping[str, Any], output: Path, results_dir: Path, profile: str,
+                    progress: bool = True, root: Path | None = None, use_cache: bool = True,
+                    digest: str | None = None) -> bool:
+    """Execute the chapter ``path`` into ``output`` (its :mod:`vfnb.results` into ``results_dir``), or copy both from
+    the zoo's cache of executed chapters (``$VFNB_CACHE/.executed/<run_key>``); return whether the cache served it.
+    A fresh run is stored in the cache (atomically, as a folder). ``digest``: :func:`source_digest`, if known."""
     from .config import default_cache_dir
 
-    cid = chapter_id(path)
+    try:
+        cid = chapter_id(path)
+    except BookError:
+        cid = Path(path).stem
+    digest = digest or source_digest()
     cacheable = use_cache and cid not in READS_RESULTS
     entry = default_cache_dir() / EXECUTED / run_key(path, {**params, "profile": profile}, digest) if cacheable else None
     sidecar = results_dir / profile / f"{cid}.json"
@@ -711,8 +717,8 @@ def build_book(profile: str = "cpu", out_dir: str | os.PathLike = "_build",
         print(f"[{i}/{len(selected)}] executing {path.stem} (profile {profile})", flush=True)
         own = {k: v for k, v in params.items() if k in declared[path]}
         start = time.perf_counter()
-        cached = _cached_run(path, own, stage_path(stage, path, root), results_dir, profile, progress, root,
-                             use_cache, digest)
+        cached = execute_chapter(path, own, stage_path(stage, path, root), results_dir, profile, progress, root,
+                                 use_cache, digest)
         seconds = time.perf_counter() - start
         timings.append({"chapter": path.stem, "seconds": round(seconds, 1), "cached": cached})
         print(f"      {path.stem}: {seconds:.0f} s{' (from the cache of executed chapters)' if cached else ''}",

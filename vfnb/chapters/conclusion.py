@@ -56,8 +56,8 @@ def gather(cfg: Config, pages: Mapping[str, Path]) -> tuple[list[dict[str, Any]]
     return rows, runs
 
 
-#: Chapters without a claims table (they restate the paper's setup or introduce it).
-CLAIMLESS = frozenset({"introduction", "experimental_setup"})
+#: Chapters without a claims table of their own (they introduce the paper or its setup, or show committed sweeps).
+CLAIMLESS = frozenset({"introduction", "experimental_setup", "reproduction"})
 
 
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -41,6 +41,8 @@ def models_text(chapter: str, profile: str) -> str:
         return "every edge model of the book (see the zoo table)"
     if chapter == "conclusion":
         return "none: it gathers the other chapters' recorded claims"
+    if chapter == "reproduction":
+        return "those of 5.3 and 5.4, over three seed pairs (committed sweep results)"
     if chapter == "multitask_merging":
         return (f"{d['model']} (norm none), width ×{d['model_width']}: {len(d['seeds'])} foundations and "
                 f"{2 * len(d['tasks']) - 1} experts fine-tuned on {len(d['tasks'])} tasks for {d['finetune_epochs']} "

@@ -1,6 +1,9 @@
-"""Reproduction: the merging chapters' headline tables over several seed pairs, as ``vfnb sweep`` produced them and
-committed them under ``results/`` (with provenance), next to the paper's own numbers; nothing here is typed by
-hand except the paper's numbers, transcribed once below from its full text."""
+"""Paper §5.3–5.4, reproduced: the headline tables over three seed pairs, from sweeps committed under ``results/``,
+next to the paper's Tables 1 and 7.
+
+The sweeps are ``vfnb sweep`` outputs (one row per seed pair, mean ± std, provenance); nothing on the page is typed by
+hand except the paper's numbers, transcribed once below from its full text.
+"""
 from __future__ import annotations
 
 import csv
