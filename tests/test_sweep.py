@@ -128,6 +128,10 @@ def test_four_point_smoke_sweep_and_a_rerun_that_skips(tmp_path):
                         progress=False)
     assert again.skipped == 4 and [r["status"] for r in again.rows] == ["done"] * 4
     assert (out / "results.csv").read_text() == before
+    record = out / "points" / res.rows[0]["point"] / "point.json"  # as if computed by another vfnb
+    record.write_text(record.read_text().replace('"code": "', '"code": "0'))
+    with pytest.warns(sweep.StalePointsWarning, match=f"1 finished point.*{res.rows[0]['point']}"):
+        sweep.sweep("04", {"seeds": [[0, 1], [2, 3]], "alpha": [0.25, 0.5]}, profile="smoke", out=out, progress=False)
 
 
 @pytest.mark.slow
@@ -141,6 +145,8 @@ def test_failures_are_reported_and_a_killed_worker_is_survived(tmp_path):
     assert marker.exists(), "the worker was not killed"
     status = {r["x"]: (r["status"], r["error"]) for r in res.rows}
     assert status[3.0] == ("failed", "RuntimeError: point x=3.0 fails on purpose")
+    failed_nb = out / "points" / sweep.point_id({"seed": 0, **points[2]}) / "failed.ipynb"
+    assert "fails on purpose" in failed_nb.read_text(), "the failed notebook is kept, with its traceback"
     assert all(status[x] == ("done", "") for x in (1.0, 2.0, 4.0))
     killed = next(r for r in res.rows if r["x"] == 2.0)
     assert killed["scores: a | value"] == 2.0
@@ -176,7 +182,7 @@ def test_two_workers_asking_for_one_edge_model_train_it_once(tmp_path):
     from distributed import Client, LocalCluster
 
     log = tmp_path / "log"
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
         futures = [client.submit(_train_tiny, str(tmp_path / "zoo"), str(log), pure=False, workers=[w])
                    for w in list(client.scheduler_info()["workers"])]
         digests = client.gather(futures)

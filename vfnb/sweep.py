@@ -5,7 +5,8 @@ on Dask distributed, gathered into one table and averaged over seeds in the pape
 
 - ``points/<id>/chapter.ipynb``: the executed notebook of one point; ``points/<id>/results/``: what the chapter
   recorded (:mod:`vfnb.results`); ``points/<id>/point.json``: its parameters, status (``done``/``failed``), error,
-  time and worker. ``<id>`` is a hash of the point's parameters, so a point keeps its folder when the grid grows.
+  time and worker; ``points/<id>/run.log``: what its kernel printed; ``points/<id>/failed.ipynb``: the notebook of
+  a failed point, up to its error. ``<id>`` is a hash of the point's parameters, so a point keeps its folder when the grid grows.
 - ``results.csv`` and ``results.parquet``: one row per point, the parameters as columns (lists as JSON text), then
   ``status``, ``seconds``, ``error`` and one column per cell of every table the chapter recorded
   (:func:`vfnb.results.record_table`), named ``<table>: <row> | <column>``.
@@ -32,9 +33,11 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import yaml
 
@@ -47,6 +50,14 @@ from .train import atomic_save
 STATUS_COLUMNS = ("point", "status", "seconds", "worker", "error")
 POINT_FILE = "point.json"
 NOTEBOOK = "chapter.ipynb"
+#: The executed notebook of a point that failed, up to its error.
+FAILED_NOTEBOOK = "failed.ipynb"
+#: The point's log: what its kernel wrote to the terminal (training progress, warnings).
+LOG = "run.log"
+
+
+class StalePointsWarning(UserWarning):
+    """Finished points of a sweep were computed by another version of the chapter or library (kept, not rerun)."""
 
 
 class SweepError(ConfigError):
@@ -177,13 +188,18 @@ def run_point(chapter: str, params: dict[str, Any], folder: str, threads: int | 
     if threads:
         env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     info: dict[str, Any] = {"parameters": json.loads(json.dumps(params, default=str)), "chapter": str(chapter),
+                            "code": book.run_key(Path(chapter), params),  # notebook + parameters + library source
                             "worker": f"{socket.gethostname()}:{os.getpid()}",
                             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     start = time.perf_counter()
+    log = folder / LOG
     try:
-        book.run_chapter(chapter, params, output_path=partial_nb, progress=progress, env=env)
+        with _output_to(log):  # the kernel's own messages go to the point's log, not over the sweep's progress bar
+            book.run_chapter(chapter, params, output_path=partial_nb, progress=progress, env=env)
     except Exception as exc:  # noqa: BLE001 -- a failing point is data, reported with its error
         info.update(status="failed", error=_error_text(exc), seconds=round(time.perf_counter() - start, 2))
+        if partial_nb.exists():  # the notebook as far as it ran, with the traceback, for the reader to open
+            os.replace(partial_nb, folder / FAILED_NOTEBOOK)
         _write_json(info, folder / POINT_FILE)
         return info
     results = folder / "results"
@@ -192,9 +208,31 @@ def run_point(chapter: str, params: dict[str, Any], folder: str, threads: int | 
     if partial_results.exists():
         os.replace(partial_results, results)
     os.replace(partial_nb, folder / NOTEBOOK)
+    (folder / FAILED_NOTEBOOK).unlink(missing_ok=True)
     info.update(status="done", error="", seconds=round(time.perf_counter() - start, 2))
     _write_json(info, folder / POINT_FILE)  # last: its "done" marks the point as finished
     return info
+
+
+@contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, inherited by the kernel papermill starts)
+    to ``path`` (appending) for the duration of a block."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -363,6 +401,13 @@ def sweep(chapter: str | os.PathLike, grid: Mapping[str, Sequence[Any]] | None =
                  "provenance": _provenance(argv)}, out / "sweep.json")
     todo = [p for p in all_points if not finished(out / "points" / point_id(p), p)]
     skipped = len(all_points) - len(todo)
+    digest = book.source_digest()
+    stale = [p for p in all_points if p not in todo
+             and (_read_point(out / "points" / point_id(p)) or {}).get("code") != book.run_key(path, p, digest)]
+    if stale:
+        warnings.warn(f"{len(stale)} finished point(s) were computed by another version of the chapter or of vfnb; "
+                      f"they are kept (delete their folders under {out / 'points'} to recompute them): "
+                      f"{', '.join(point_id(p) for p in stale)}", StalePointsWarning, stacklevel=2)
     if todo:
         _run_all(path, todo, out, workers, scheduler, progress, skipped, len(all_points))
     rows, layouts = gather(out, all_points, cid)
@@ -395,7 +440,7 @@ def _run_all(path: Path, todo: list[dict[str, Any]], out: Path, workers: int, sc
 
     cluster = None
     if scheduler is None:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                                silence_logs=logging.ERROR)
         threads = max(1, (os.cpu_count() or 1) // workers)
     else:
