@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 import subprocess
 import sys
 
@@ -121,13 +122,19 @@ def test_four_point_smoke_sweep_and_a_rerun_that_skips(tmp_path):
     frame = pq.read_table(out / "results.parquet")
     assert frame.num_rows == 4 and frame.schema.field("alpha").type == "double"
     assert "claims" in (out / "summary.md").read_text()
-    provenance = json.loads((out / "sweep.json").read_text())["provenance"]
-    assert {"commit", "device", "date", "vfnb"} <= set(provenance)
+    provenance = json.loads((out / "sweep.json").read_text())["runs"][-1]
+    assert {"commit", "device", "date", "vfnb", "points run"} <= set(provenance)
+    assert all(r["device"].startswith("cpu") and r["commit"] for r in table)
     before = (out / "results.csv").read_text()
-    again = sweep.sweep("04", {"seeds": [[0, 1], [2, 3]], "alpha": [0.25, 0.5]}, profile="smoke", out=out,
-                        progress=False)
+    for notebook in out.glob("points/*/chapter.ipynb"):  # as in a fresh clone of committed results
+        notebook.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sweep.StalePointsWarning)  # same code: nothing may be called stale
+        again = sweep.sweep("04", {"seeds": [[0, 1], [2, 3]], "alpha": [0.25, 0.5]}, profile="smoke", out=out,
+                            progress=False)
     assert again.skipped == 4 and [r["status"] for r in again.rows] == ["done"] * 4
     assert (out / "results.csv").read_text() == before
+    assert len(json.loads((out / "sweep.json").read_text())["runs"]) == 2, "each call is kept in the history"
     record = out / "points" / res.rows[0]["point"] / "point.json"  # as if computed by another vfnb
     record.write_text(record.read_text().replace('"code": "', '"code": "0'))
     with pytest.warns(sweep.StalePointsWarning, match=f"1 finished point.*{res.rows[0]['point']}"):
@@ -166,12 +173,15 @@ def _train_tiny(cache: str, log: str) -> str:
     original = zoo._train_entry
 
     def logged(*args, **kwargs):
-        with open(log, "a") as fh:
-            fh.write("trained\n")
         time.sleep(2.0)  # long enough for the other worker to find the entry missing and wait on the lock
-        return original(*args, **kwargs)
+        model = original(*args, **kwargs)
+        with open(log, "a") as fh:
+            fh.write(f"trained {time.time()}\n")
+        return model
 
     zoo._train_entry = logged
+    with open(log, "a") as fh:
+        fh.write(f"asked {time.time()}\n")
     model = zoo.get_or_train(recipe("mlp", "smoke", seed=11, depth=2, width=8, n_train=128, epochs=1),
                              cache_dir=cache, progress=False)
     return hashlib.sha256(b"".join(v.numpy().tobytes() for v in model.state_dict().values())).hexdigest()
@@ -186,7 +196,11 @@ def test_two_workers_asking_for_one_edge_model_train_it_once(tmp_path):
         futures = [client.submit(_train_tiny, str(tmp_path / "zoo"), str(log), pure=False, workers=[w])
                    for w in list(client.scheduler_info()["workers"])]
         digests = client.gather(futures)
-    assert log.read_text().count("trained") == 1
+    events = [line.split() for line in log.read_text().splitlines()]
+    trained = [float(t) for e, t in events if e == "trained"]
+    asked = [float(t) for e, t in events if e == "asked"]
+    assert len(trained) == 1 and len(asked) == 2
+    assert max(asked) < trained[0], "both workers asked before the model existed, so one had to wait"
     assert digests[0] == digests[1]
 
 
@@ -200,3 +214,15 @@ def test_configs_and_points_pickle():
     assert again == cfg and again.seeds == [2, 3] and again.experiment == "preserve_first_merging"
     points = sweep.expand({"seeds": [[0, 1], [2, 3]]}, {"profile": "smoke"})
     assert pickle.loads(pickle.dumps(points)) == points
+
+
+@pytest.mark.slow
+def test_the_command_line_reports_failures_with_exit_status_1(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vfnb", "sweep", str(POINT), "-g", "x=[1.0, 2e0]", "-p", "fail", "True",
+                           "--workers", "1", "--out", str(tmp_path / "out"), "--no-progress"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "0/2 points done" in proc.stderr and "RuntimeError: point x=2.0 fails on purpose" in proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv", newline="")))
+    assert [r["x"] for r in rows] == ["1.0", "2.0"], "-g list items are typed like -p values (2e0 is a float)"
+    assert "--no-progress" in json.loads((tmp_path / "out" / "sweep.json").read_text())["runs"][0]["command"]

@@ -46,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a grid axis (repeatable); the grid is the product of the axes")
     sw.add_argument("--grid", metavar="FILE", help="YAML sweep file: grid, points, parameters, chapter, profile")
     sw.add_argument("--profile", help="size profile: smoke, cpu or paper")
-    sw.add_argument("--out", help="output folder (default _build/sweeps/<chapter>)")
+    sw.add_argument("--out", help="output folder (default sweeps/<chapter>)")
     sw.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes, one thread each (default 2)")
     sw.add_argument("--scheduler", metavar="ADDRESS", help="submit to this Dask scheduler instead of a LocalCluster")
+    sw.add_argument("--rerun-stale", action="store_true",
+                    help="recompute finished points computed by another version of the chapter or of vfnb")
     sw.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_params(sw)
 
@@ -88,9 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             chapter, grid, params, points, profile = sweep.sweep_spec(args.chapter, args.grid, args.axis,
                                                                       _params(args.parameter), args.profile)
-            result = sweep.sweep(chapter, grid, params, points, profile=profile, out=args.out, workers=args.workers,
-                                 scheduler=args.scheduler, progress=not args.no_progress,
-                                 argv=["vfnb", *(argv if argv is not None else sys.argv[1:])])
+            try:
+                result = sweep.sweep(chapter, grid, params, points, profile=profile, out=args.out,
+                                     workers=args.workers, scheduler=args.scheduler, progress=not args.no_progress,
+                                     argv=["vfnb", *(argv if argv is not None else sys.argv[1:])],
+                                     rerun_stale=args.rerun_stale)
+            except KeyboardInterrupt:
+                return 130
             return 1 if result.failures else 0
         elif args.command == "list":
             paths = [book.resolve_chapter(args.chapter)] if args.chapter else book.chapters()

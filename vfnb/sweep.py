@@ -27,11 +27,13 @@ import io
 import itertools
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 import warnings
 from contextlib import contextmanager
@@ -43,11 +45,11 @@ import yaml
 
 from . import book
 from .config import ConfigError
-from .results import cells, describe, load, summarize, summary_tables, tables
+from .results import RUNTIME_PARAMS, cells, describe, load, summarize, summary_tables, tables
 from .train import atomic_save
 
 #: Fixed columns of results.csv after the parameters.
-STATUS_COLUMNS = ("point", "status", "seconds", "worker", "error")
+STATUS_COLUMNS = ("point", "status", "seconds", "worker", "commit", "device", "error")
 POINT_FILE = "point.json"
 NOTEBOOK = "chapter.ipynb"
 #: The executed notebook of a point that failed, up to its error.
@@ -72,6 +74,8 @@ def parse_axis(text: str) -> tuple[str, list[Any]]:
     if not sep or not name or not name.isidentifier():
         raise SweepError(f"grid option {text!r} is not NAME=[v1, v2, ...]; e.g. -g alpha='[0.25, 0.5]'")
     value = book.parse_value(values)
+    if isinstance(value, list):  # items typed like -p values (YAML leaves e.g. 1e-3 as text)
+        value = [book.parse_value(v) if isinstance(v, str) else v for v in value]
     if not isinstance(value, list) or not value:
         raise SweepError(f"grid option {name}={values.strip()!r} needs a non-empty list of values, e.g. "
                          f"{name}='[{values.strip()}, ...]'; a single value is a fixed parameter: -p {name} {values.strip()}")
@@ -133,8 +137,9 @@ def expand(grid: Mapping[str, Sequence[Any]] | None = None, parameters: Mapping[
 
 
 def point_id(params: Mapping[str, Any]) -> str:
-    """A point's folder name: a hash of its parameters (stable across runs and grid orders)."""
-    text = json.dumps(dict(params), sort_keys=True, default=str)
+    """A point's folder name: a hash of its parameters (stable across runs and grid orders), without those that say
+    where it runs (:data:`vfnb.results.RUNTIME_PARAMS`: moving the data or the zoo does not make a new point)."""
+    text = json.dumps({k: v for k, v in params.items() if k not in RUNTIME_PARAMS}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -160,10 +165,11 @@ def _read_point(folder: Path) -> dict[str, Any] | None:
 
 
 def finished(folder: Path, params: Mapping[str, Any]) -> bool:
-    """Whether the point in ``folder`` ran to the end with exactly these parameters."""
+    """Whether the point in ``folder`` ran to the end with exactly these parameters (its record says ``done``, and
+    its notebook or its recorded results are there: a fresh clone of committed results has only the latter)."""
     info = _read_point(folder)
     return bool(info and info.get("status") == "done" and info.get("parameters") == json.loads(
-        json.dumps(dict(params), default=str)) and (folder / NOTEBOOK).is_file())
+        json.dumps(dict(params), default=str)) and ((folder / NOTEBOOK).is_file() or (folder / "results").is_dir()))
 
 
 def _write_json(data: Any, path: Path) -> None:
@@ -172,67 +178,126 @@ def _write_json(data: Any, path: Path) -> None:
 
 
 def run_point(chapter: str, params: dict[str, Any], folder: str, threads: int | None = None,
-              progress: bool = False) -> dict[str, Any]:
-    """Execute one point of a sweep into ``folder`` and return its ``point.json`` record. A failing notebook is
-    recorded (``status: failed`` with the error), not raised, so the other points go on. Runs on a Dask worker."""
+              force: bool = False) -> dict[str, Any]:
+    """Execute one point of a sweep into ``folder`` and return its ``point.json`` record. Runs on a Dask worker.
+
+    The chapter runs in a child process (``python -m vfnb.sweep``) with its own environment (``VFNB_RESULTS`` in a
+    temporary folder, ``OMP_NUM_THREADS`` = ``threads``) and its output appended to ``run.log``, so several points
+    may share a worker process; the child exits when the worker dies. A lock file keeps two runs of one point (two
+    sweeps, or a rerun while a cluster still runs the first) from overlapping. A failing notebook is recorded
+    (``status: failed`` with the error, the notebook up to its error in ``failed.ipynb``), not raised, so the other
+    points go on. ``force``: run even if the point finished (to recompute a stale one)."""
     folder = Path(folder)
-    if finished(folder, params):  # e.g. re-submitted after its first worker died at the very end
-        return _read_point(folder)  # type: ignore[return-value]
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".partial-*"):  # left by a run that was killed
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
-    token = uuid.uuid4().hex[:8]
-    partial_nb = folder / f".partial-{token}.ipynb"
-    partial_results = folder / f".partial-{token}-results"
-    env = {"VFNB_RESULTS": str(partial_results)}
-    if threads:
-        env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
-    info: dict[str, Any] = {"parameters": json.loads(json.dumps(params, default=str)), "chapter": str(chapter),
-                            "code": book.run_key(Path(chapter), params),  # notebook + parameters + library source
-                            "worker": f"{socket.gethostname()}:{os.getpid()}",
-                            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    start = time.perf_counter()
-    log = folder / LOG
-    try:
-        with _output_to(log):  # the kernel's own messages go to the point's log, not over the sweep's progress bar
-            book.run_chapter(chapter, params, output_path=partial_nb, progress=progress, env=env)
-    except Exception as exc:  # noqa: BLE001 -- a failing point is data, reported with its error
-        info.update(status="failed", error=_error_text(exc), seconds=round(time.perf_counter() - start, 2))
-        if partial_nb.exists():  # the notebook as far as it ran, with the traceback, for the reader to open
-            os.replace(partial_nb, folder / FAILED_NOTEBOOK)
-        _write_json(info, folder / POINT_FILE)
+    with _point_lock(folder):
+        if not force and finished(folder, params):  # e.g. re-submitted after its first worker died at the very end
+            return _read_point(folder)  # type: ignore[return-value]
+        for stale in folder.glob(".partial-*"):  # left by a run that was killed (its lock went with it)
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+        token = uuid.uuid4().hex[:8]
+        partial_nb = folder / f".partial-{token}.ipynb"
+        partial_results = folder / f".partial-{token}-results"
+        error_file = folder / f".partial-{token}-error.txt"
+        package_parent = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, VFNB_RESULTS=str(partial_results),
+                   PYTHONPATH=os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p))
+        if threads:
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        info: dict[str, Any] = {"parameters": json.loads(json.dumps(params, default=str)), "chapter": str(chapter),
+                                "code": book.run_key(Path(chapter), params),  # notebook + parameters + library
+                                "worker": f"{socket.gethostname()}:{os.getpid()}",
+                                "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                                **_machine()}
+        start = time.perf_counter()
+        with open(folder / LOG, "a", encoding="utf-8") as log:
+            log.write(f"=== {info['started']} on {info['worker']} ({info['device']})\n")
+            log.flush()
+            proc = subprocess.run([sys.executable, "-m", "vfnb.sweep", str(chapter), json.dumps(params, default=str),
+                                   str(partial_nb), str(error_file), str(os.getpid())],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(folder))
+        seconds = round(time.perf_counter() - start, 2)
+        if proc.returncode != 0:
+            error = error_file.read_text(encoding="utf-8").strip() if error_file.is_file() else \
+                f"the point's process exited with status {proc.returncode}; see {folder / LOG}"
+            info.update(status="failed", error=error, seconds=seconds)
+            if partial_nb.exists():  # the notebook as far as it ran, with the traceback, for the reader to open
+                os.replace(partial_nb, folder / FAILED_NOTEBOOK)
+            error_file.unlink(missing_ok=True)
+            _write_json(info, folder / POINT_FILE)
+            return info
+        results = folder / "results"
+        if results.exists():
+            shutil.rmtree(results)
+        if partial_results.exists():
+            os.replace(partial_results, results)
+        os.replace(partial_nb, folder / NOTEBOOK)
+        (folder / FAILED_NOTEBOOK).unlink(missing_ok=True)
+        info.update(status="done", error="", seconds=seconds)
+        _write_json(info, folder / POINT_FILE)  # last: its "done" marks the point as finished
         return info
-    results = folder / "results"
-    if results.exists():
-        shutil.rmtree(results)
-    if partial_results.exists():
-        os.replace(partial_results, results)
-    os.replace(partial_nb, folder / NOTEBOOK)
-    (folder / FAILED_NOTEBOOK).unlink(missing_ok=True)
-    info.update(status="done", error="", seconds=round(time.perf_counter() - start, 2))
-    _write_json(info, folder / POINT_FILE)  # last: its "done" marks the point as finished
-    return info
 
 
 @contextmanager
-def _output_to(path: Path) -> Iterator[None]:
-    """Send this process's stdout and stderr (file descriptors 1 and 2, inherited by the kernel papermill starts)
-    to ``path`` (appending) for the duration of a block."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+def _point_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder/.lock`` exclusively (waiting for another run of the same point). ``flock`` locks are local to
+    a machine on some network filesystems; there, do not run one output folder from two sweeps at once."""
+    import fcntl
+
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for f in (fd, *saved):
-            os.close(f)
+        os.close(fd)
+
+
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """Exit this process (and so its kernel, which watches its own parent) when process ``parent`` is gone."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _point_main(argv: Sequence[str]) -> int:
+    """``python -m vfnb.sweep CHAPTER PARAMS_JSON OUTPUT ERROR_FILE PARENT_PID``: one point, in its own process."""
+    chapter, params, output, error_file, parent = argv
+    _exit_with_parent(int(parent))
+    try:
+        book.run_chapter(chapter, json.loads(params), output_path=output, progress=False)
+    except Exception as exc:  # noqa: BLE001 -- reported to the worker through the error file
+        Path(error_file).write_text(_error_text(exc), encoding="utf-8")
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def _machine() -> dict[str, Any]:
+    """Where a point runs: commit of the vfnb source (and whether it had uncommitted changes), device, host, versions."""
+    from . import __version__
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, text=True, capture_output=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, text=True,
+                                    capture_output=True, timeout=10).stdout.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    import torch
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({_cores()} cores)"
+    return {"commit": commit, "dirty": dirty, "device": device, "host": socket.gethostname(), "vfnb": __version__,
+            "torch": torch.__version__, "python": sys.version.split()[0]}
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may use (affinity, cgroups' cpusets)
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _error_text(exc: BaseException) -> str:
@@ -274,18 +339,22 @@ class SweepResult:
 
 def gather(out: str | os.PathLike, points: Sequence[Mapping[str, Any]], chapter_id: str
            ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """One row per point (parameters, status, recorded table cells), read from the points' folders, and each
-    recorded table's layout (name -> ``index`` columns, ``percent``)."""
+    """One row per point (parameters; status, seconds, worker, commit of the vfnb source, ``+`` if it had uncommitted
+    changes, and device; recorded table cells and claim verdicts), read from the points' folders, and each recorded
+    table's layout (name -> ``index`` columns, ``percent``)."""
     out = Path(out)
     names = list(dict.fromkeys(k for p in points for k in p))
     rows, layouts = [], {}
+    first = _runs(out)[0] if _runs(out) else {}  # points recorded before points kept their own provenance
     for params in points:
         pid = point_id(params)
         folder = out / "points" / pid
         info = _read_point(folder) or {"status": "not run", "error": ""}
         row: dict[str, Any] = {n: _param_text(params.get(n)) for n in names}
         row.update(point=pid, status=info.get("status"), seconds=info.get("seconds"), worker=info.get("worker"),
-                   error=info.get("error") or "")
+                   commit=(info.get("commit") or first.get("commit") or "")[:12] + ("+" if (
+                       info.get("dirty") if "commit" in info else first.get("dirty")) else ""),
+                   device=info.get("device") or first.get("device") or "", error=info.get("error") or "")
         if info.get("status") == "done":
             found = sorted((folder / "results").glob(f"*/{chapter_id}.json"))  # the profile the notebook ran at
             profile = params.get("profile") or (found[0].parent.name if found else "cpu")
@@ -337,11 +406,13 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], summary: list[dict[str,
     atomic_save(csv_text(rows, columns), out / "results.csv", saver=text_saver)
     atomic_save(pa.table({c: _arrow_column([r.get(c) for r in rows]) for c in columns}), out / "results.parquet",
                 saver=lambda t, p: pq.write_table(t, p))
-    scols = list(dict.fromkeys(k for s in summary for k in s)) or ["group", "table", "row", "column", "mean", "std", "n"]
+    summary = [{**s, "percent": bool((layouts or {}).get(s["table"], {}).get("percent"))} for s in summary]
+    scols = list(dict.fromkeys(k for s in summary for k in s)) or ["group", "table", "row", "column", "mean", "std", "n",
+                                                                     "values", "percent"]
     atomic_save(csv_text(summary, scols), out / "summary.csv", saver=text_saver)
     parts = ["# Sweep summary", "",
-             "Mean ± std (numpy's std, ddof 0) over the points that differ only in their seeds (accuracies in %); "
-             "n points each."]
+             "Mean ± std over the n points that differ only in their seeds (numpy's std: ddof 0, i.e. without "
+             "Bessel's correction; accuracies in %)."]
     percent = [n for n, lay in (layouts or {}).items() if lay.get("percent")]
     for (group, name), trows in summary_tables(summary, percent).items():
         parts += ["", f"## {name} ({group})", "", _markdown(trows)]
@@ -349,32 +420,27 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], summary: list[dict[str,
 
 
 # --------------------------------------------------------------------------- the sweep
-def _provenance(argv: Sequence[str] | None) -> dict[str, Any]:
-    from . import __version__
+def _runs(out: Path) -> list[dict[str, Any]]:
+    """The history of calls recorded in ``out/sweep.json`` (oldest first; an older file's single ``provenance``)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
-                                capture_output=True, timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    cwd=Path(__file__).resolve().parent, text=True, capture_output=True,
-                                    timeout=10).stdout.strip()) if commit else None
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    import torch
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-    return {"vfnb": __version__, "commit": commit, "dirty": dirty, "host": socket.gethostname(), "device": device,
-            "torch": torch.__version__, "python": sys.version.split()[0],
-            "command": " ".join(argv) if argv else None,
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        spec = json.loads((Path(out) / "sweep.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return []
+    return list(spec.get("runs") or ([spec["provenance"]] if spec.get("provenance") else []))
 
 
 def sweep(chapter: str | os.PathLike, grid: Mapping[str, Sequence[Any]] | None = None,
           parameters: Mapping[str, Any] | None = None, points: Sequence[Mapping[str, Any]] | None = None,
           profile: str | None = None, out: str | os.PathLike | None = None, workers: int = 2,
-          scheduler: str | None = None, progress: bool = True, argv: Sequence[str] | None = None) -> SweepResult:
+          scheduler: str | None = None, progress: bool = True, argv: Sequence[str] | None = None,
+          rerun_stale: bool = False) -> SweepResult:
     """Run every point of ``grid`` × ``points`` (on top of ``parameters``) of one chapter on Dask, skipping the points
     ``out`` already holds, and write the gathered results (see the module docstring). Every point is validated
     first. ``scheduler``: the address of an existing Dask scheduler (its workers must see ``out`` and the zoo,
     ``VFNB_CACHE``, on a shared path); else a ``LocalCluster`` of ``workers`` processes with one thread each.
+    ``out`` defaults to ``sweeps/<chapter>`` in the source checkout. Finished points computed by another version of
+    the chapter or of vfnb are kept with a :class:`StalePointsWarning`, or recomputed with ``rerun_stale``.
+    Ctrl-C stops the sweep after writing the tables of what finished (a rerun resumes), then re-raises.
 
     Returns a :class:`SweepResult`; failed points are listed in it (and in ``results.csv``), not raised."""
     path = book.resolve_chapter(chapter)
@@ -383,44 +449,56 @@ def sweep(chapter: str | os.PathLike, grid: Mapping[str, Sequence[Any]] | None =
         if fixed.get("profile", profile) != profile:
             raise SweepError(f"profile given twice: --profile {profile} and -p profile {fixed['profile']}")
         fixed["profile"] = profile
-    if grid and "profile" in grid and "profile" in fixed:
-        raise SweepError("profile is both fixed and swept; give it once")
     all_points = expand(grid, fixed, points)
     validate(path, all_points)
-    if not isinstance(workers, int) or workers < 1:
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise SweepError(f"workers must be an integer >= 1, got {workers!r}")
-    out = (Path(out) if out is not None else book.repo_root() / "_build" / "sweeps" / path.stem).resolve()
+    out = (Path(out) if out is not None else book.repo_root() / "sweeps" / path.stem).resolve()
     try:
         (out / "points").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SweepError(f"cannot create the sweep folder {out}: {exc}; choose another with --out") from exc
     cid = _chapter_id(path)
     param_names = list(dict.fromkeys(k for p in all_points for k in p))
-    _write_json({"chapter": path.stem, "notebook": str(path), "grid": dict(grid or {}), "parameters": fixed,
-                 "points": [dict(p) for p in points or []], "n_points": len(all_points),
-                 "provenance": _provenance(argv)}, out / "sweep.json")
     todo = [p for p in all_points if not finished(out / "points" / point_id(p), p)]
-    skipped = len(all_points) - len(todo)
     digest = book.source_digest()
     stale = [p for p in all_points if p not in todo
              and (_read_point(out / "points" / point_id(p)) or {}).get("code") != book.run_key(path, p, digest)]
-    if stale:
+    if stale and rerun_stale:
+        todo += stale
+    elif stale:
         warnings.warn(f"{len(stale)} finished point(s) were computed by another version of the chapter or of vfnb; "
-                      f"they are kept (delete their folders under {out / 'points'} to recompute them): "
+                      f"they are kept (rerun_stale=True, or --rerun-stale, recomputes them): "
                       f"{', '.join(point_id(p) for p in stale)}", StalePointsWarning, stacklevel=2)
+    skipped = len(all_points) - len(todo)
+    run = {"command": shlex.join(argv) if argv else None,
+           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "points run": len(todo), "points skipped": skipped, **_machine()}
+    _write_json({"chapter": path.stem, "notebook": str(path), "grid": dict(grid or {}), "parameters": fixed,
+                 "points": [dict(p) for p in points or []], "n_points": len(all_points),
+                 "runs": [*_runs(out), run]}, out / "sweep.json")
+    interrupted = False
     if todo:
-        _run_all(path, todo, out, workers, scheduler, progress, skipped, len(all_points))
+        try:
+            _run_all(path, todo, out, workers, scheduler, progress, skipped, len(all_points),
+                     force={point_id(p) for p in stale} if rerun_stale else set())
+        except KeyboardInterrupt:
+            interrupted = True
     rows, layouts = gather(out, all_points, cid)
     summary = summarize(rows, param_names)
     write_outputs(out, rows, summary, param_names, layouts)
     result = SweepResult(out, path.stem, rows, skipped, summary, layouts)
-    if progress:
-        failed = result.failures
+    failed = result.failures
+    if progress or failed or interrupted:  # failures are always reported
         print(f"{len(all_points) - len(failed)}/{len(all_points)} points done ({skipped} skipped, already finished), "
-              f"{len(failed)} failed; results in {out / 'results.csv'}", file=sys.stderr)
+              f"{len(failed)} failed or not run; results in {out / 'results.csv'}", file=sys.stderr)
         for r in failed:
-            print(f"  failed: point {r['point']} ({describe({n: r[n] for n in param_names})}): {r['error']}",
-                  file=sys.stderr)
+            print(f"  {r['status']}: point {r['point']} ({describe({n: r[n] for n in param_names})})"
+                  f"{': ' + r['error'] if r['error'] else ''}", file=sys.stderr)
+    if interrupted:
+        print("interrupted: the tables above hold the points that finished; run the same command again to resume",
+              file=sys.stderr)
+        raise KeyboardInterrupt
     return result
 
 
@@ -432,24 +510,24 @@ def _chapter_id(path: Path) -> str:
 
 
 def _run_all(path: Path, todo: list[dict[str, Any]], out: Path, workers: int, scheduler: str | None,
-             progress: bool, skipped: int, total: int) -> None:
+             progress: bool, skipped: int, total: int, force: set[str] = frozenset()) -> None:
     import logging
 
     from distributed import Client, LocalCluster, as_completed
     from tqdm.auto import tqdm
 
     cluster = None
-    if scheduler is None:
+    if scheduler is None:  # dashboard on a free port: a fixed one clashes with another sweep or notebook cluster
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                                silence_logs=logging.ERROR)
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = max(1, _cores() // workers)
     else:
         threads = None  # the cluster's workers decide
     try:
         with Client(cluster if cluster is not None else scheduler) as client:
-            futures = [client.submit(run_point, str(path), p, str(out / "points" / point_id(p)), threads,
-                                     key=f"vfnb-point-{point_id(p)}-{uuid.uuid4().hex[:6]}", pure=False)
-                       for p in todo]
+            futures = {client.submit(run_point, str(path), p, str(out / "points" / point_id(p)), threads,
+                                     point_id(p) in force, key=f"vfnb-point-{point_id(p)}-{uuid.uuid4().hex[:6]}",
+                                     pure=False): p for p in todo}
             failed = 0
             with tqdm(total=total, initial=skipped, desc=f"sweep {path.stem}", disable=not progress,
                       unit="point") as bar:
@@ -458,9 +536,9 @@ def _run_all(path: Path, todo: list[dict[str, Any]], out: Path, workers: int, sc
                         info = fut.result()
                     except Exception as exc:  # noqa: BLE001 -- e.g. KilledWorker after repeated worker deaths
                         info = {"status": "failed", "error": _error_text(exc)}
-                        idx = futures.index(fut)
-                        _write_json({"parameters": json.loads(json.dumps(todo[idx], default=str)), **info},
-                                    out / "points" / point_id(todo[idx]) / POINT_FILE)
+                        params = futures[fut]
+                        _write_json({"parameters": json.loads(json.dumps(params, default=str)), **info},
+                                    out / "points" / point_id(params) / POINT_FILE)
                     failed += info.get("status") != "done"
                     bar.update(1)
                     bar.set_postfix(failed=failed)
@@ -471,8 +549,9 @@ def _run_all(path: Path, todo: list[dict[str, Any]], out: Path, workers: int, sc
 
 def sweep_spec(chapter: str | None, grid_file: str | None, axes: Iterable[str], fixed: Mapping[str, Any],
                profile: str | None) -> tuple[str, dict[str, Any], dict[str, Any], list[dict[str, Any]], str | None]:
-    """Combine a sweep file and command-line options (``-g``, ``-p``, ``--profile``; the command line wins over
-    the file only where the file is silent; naming a parameter in both is an error)."""
+    """Combine a sweep file with the command line's ``-g``, ``-p`` and ``--profile``: each adds what the file does
+    not set; naming one axis, parameter or profile in both is an error. Returns chapter, grid, fixed parameters,
+    points and profile."""
     spec = load_grid(grid_file) if grid_file else {}
     grid = dict(spec.get("grid") or {})
     for text in axes:
@@ -491,3 +570,7 @@ def sweep_spec(chapter: str | None, grid_file: str | None, axes: Iterable[str], 
     if profile is not None and spec.get("profile") not in (None, profile):
         raise SweepError(f"profile given twice: --profile {profile} and profile: {spec['profile']} in {grid_file}")
     return str(chapter), grid, params, list(spec.get("points") or []), profile or spec.get("profile")
+
+
+if __name__ == "__main__":  # one point in its own process (run_point)
+    sys.exit(_point_main(sys.argv[1:]))
