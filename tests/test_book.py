@@ -269,7 +269,6 @@ def test_an_unchanged_chapter_comes_from_the_cache(tmp_path: Path, monkeypatch: 
         return cached, nbformat.read(out, as_version=4)
 
     first, nb1 = run({"scale": 2.0}, "1.ipynb")
-    sidecar.parent.mkdir(parents=True, exist_ok=True)
     assert not first
     entry = tmp_path / "zoo" / book.EXECUTED / book.run_key(chapter, {"scale": 2.0, "profile": "smoke"})
     (entry / "results.json").write_text(json.dumps({"chapter": "a"}))  # as if the chapter had recorded results
@@ -283,3 +282,27 @@ def test_an_unchanged_chapter_comes_from_the_cache(tmp_path: Path, monkeypatch: 
     nbformat.write(nb, chapter)
     assert not run({"scale": 2.0}, "5.ipynb")[0]
     assert book.run_key(chapter, {"a": 1}, "x") != book.run_key(chapter, {"a": 1}, "y"), "the library source is in the key"
+
+
+def test_a_chapter_run_stores_what_it_recorded_and_result_readers_always_run(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh run's recorded results go into the cache with its notebook (and come back on a hit); the pages that
+    read other chapters' results (book.READS_RESULTS) are never served from the cache."""
+    from conftest import FIXTURES
+
+    monkeypatch.setenv("VFNB_EXECUTED", str(tmp_path / "executed"))
+    results_dir = tmp_path / "results"
+    chapter = FIXTURES / "sweep_point.ipynb"  # records a table through vfnb.results, as chapters do
+    params = {"x": 3.0}
+    assert not book.execute_chapter(chapter, params, tmp_path / "1.ipynb", results_dir, "smoke", progress=False)
+    recorded = results_dir / "smoke" / "sweep_point.json"
+    first = recorded.read_text()
+    recorded.unlink()
+    assert book.execute_chapter(chapter, params, tmp_path / "2.ipynb", results_dir, "smoke", progress=False)
+    assert recorded.read_text() == first and '"value": 3.0' in first
+    root = _fake_root(tmp_path / "src", ["08_reproduction"])
+    reader = root / "book" / "08_reproduction.ipynb"
+    for name in ("a", "b"):
+        assert not book.execute_chapter(reader, {}, tmp_path / f"{name}.ipynb", results_dir, "smoke",
+                                        progress=False, root=root)
+    assert not list((tmp_path / "executed").glob(book.run_key(reader, {"profile": "smoke"}) + "*"))

@@ -12,12 +12,17 @@ from vfnb.config import Config, resolve
 
 def _fake_sweep(folder, pairs=((0, 1), (2, 3), (4, 5))):
     """Three points of 5.4 whose Table 1 cells are known: 'AM RESCALE' at PFM 8/14 is 0.9 + 0.01 * pair index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sweep.json").write_text(json.dumps({"runs": [{"commit": "abc1234567890", "device": "cpu (2 cores)",
+                                                             "date": "2026-12-03T10:00:00+00:00", "points run": 3,
+                                                             "command": "vfnb sweep 05_4 ..."}]}))
     points = []
     for i, seeds in enumerate(pairs):
         params = {"profile": "cpu", "seeds": list(seeds)}
         points.append(params)
         point = folder / "points" / sweep.point_id(params)
-        cfg = Config("preserve_first_merging", params)
+        cfg = Config("preserve_first_merging", {**params, "dataset": "mnist5k", "model": "vgg16", "model_width": 0.25,
+                                                "n_test": 500})
         rows = [{"Model": "Model 1", "Direct": 0.95}, {"Model": "Model 2", "Direct": 0.93},
                 {"Model": "Ensemble", "Direct": 0.97},
                 {"Model": "PFM 0/14", "Direct": 0.1, "AM no normalization": 0.5, "AM REPAIR": 0.6, "AM RESCALE": 0.7},
@@ -29,9 +34,6 @@ def _fake_sweep(folder, pairs=((0, 1), (2, 3), (4, 5))):
     rows, layouts = sweep.gather(folder, points, "preserve_first_merging")
     names = ["profile", "seeds"]
     sweep.write_outputs(folder, rows, results.summarize(rows, names), names, layouts)
-    (folder / "sweep.json").write_text(json.dumps({"provenance": {"commit": "abc1234567890", "device": "cpu (2 cores)",
-                                                                  "date": "2026-12-03T10:00:00+00:00",
-                                                                  "command": "vfnb sweep 05_4 ..."}}))
 
 
 def test_reproduction_tables_come_from_the_committed_files(tmp_path):
@@ -53,12 +55,20 @@ def test_reproduction_tables_come_from_the_committed_files(tmp_path):
     assert "paper scale has not been run" in text and "--profile paper" in text
     notes = R.notes(found)
     assert "94.00 % here" in notes and "PFM 8/14 (AM REPAIR 93.00 %)" not in notes  # 93 < the edges' 94
+    assert "mnist5k, VGG16 ×0.25, 500 test images" in notes and "500 test images has a standard error" in notes
+    assert prov["05_4_preserve_first_merging"]["device"] == "cpu (2 cores)"
+    assert prov["05_4_preserve_first_merging"]["dates"] == "2026-12-03"
     import matplotlib
     matplotlib.use("Agg")
     from vfnb import plots
     fig, ax = plots.figure(1, width=6.5, height=3.8)
     R.plot_pfm(ax[0], sw, "table1", ["AM no normalization", "AM RESCALE"])
     assert len(ax[0].containers) == 4  # here and paper, per column, each with error bars
+    labels = [c.get_label() for c in ax[0].containers]
+    assert "AM RESCALE, here (mnist5k)" in labels and "AM RESCALE, paper (CIFAR-10)" in labels
+    sw.summary.append({**sw.summary[0], "group": "profile='cpu', alpha=0.25"})  # a sweep over more than seeds
+    with pytest.raises(ValueError, match="varies more than the seeds"):
+        sw.cells("table1")
 
 
 def test_paper_tables_match_the_chapter_layout():

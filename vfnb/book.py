@@ -637,21 +637,27 @@ def run_key(path: Path, parameters: Mapping[str, Any], digest: str | None = None
     return h.hexdigest()[:24]
 
 
+def executed_cache() -> Path:
+    """Where executed chapters are cached: ``$VFNB_EXECUTED``, else the zoo's ``.executed`` folder."""
+    from .config import default_cache_dir
+
+    env = os.environ.get("VFNB_EXECUTED")
+    return Path(env).expanduser() if env else default_cache_dir() / EXECUTED
+
+
 def execute_chapter(path: Path, params: Mapping[str, Any], output: Path, results_dir: Path, profile: str,
                     progress: bool = True, root: Path | None = None, use_cache: bool = True,
                     digest: str | None = None) -> bool:
     """Execute the chapter ``path`` into ``output`` (its :mod:`vfnb.results` into ``results_dir``), or copy both from
-    the zoo's cache of executed chapters (``$VFNB_CACHE/.executed/<run_key>``); return whether the cache served it.
+    the cache of executed chapters (:func:`executed_cache` / :func:`run_key`); return whether the cache served it.
     A fresh run is stored in the cache (atomically, as a folder). ``digest``: :func:`source_digest`, if known."""
-    from .config import default_cache_dir
-
     try:
         cid = chapter_id(path)
     except BookError:
         cid = Path(path).stem
     digest = digest or source_digest()
     cacheable = use_cache and cid not in READS_RESULTS
-    entry = default_cache_dir() / EXECUTED / run_key(path, {**params, "profile": profile}, digest) if cacheable else None
+    entry = executed_cache() / run_key(path, {**params, "profile": profile}, digest) if cacheable else None
     sidecar = results_dir / profile / f"{cid}.json"
     if entry is not None and (entry / "chapter.ipynb").is_file():
         output.parent.mkdir(parents=True, exist_ok=True)

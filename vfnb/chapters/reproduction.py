@@ -73,8 +73,31 @@ class Sweep:
         return sum(r["status"] == "done" for r in self.rows)
 
     def cells(self, table: str) -> dict[tuple[str, str], dict[str, Any]]:
-        """``(row, column)`` -> the summary entry (mean, std, n) of one recorded table."""
+        """``(row, column)`` -> the summary entry (mean, std, n, percent) of one recorded table. The page shows sweeps
+        over seeds only: a sweep whose points differ in anything else is refused, not mixed."""
+        groups = {s["group"] for s in self.summary}
+        if len(groups) > 1:
+            raise ValueError(f"{self.folder} varies more than the seeds ({'; '.join(sorted(groups))}); the "
+                             "reproduction page averages over seeds only")
         return {(s["row"], s["column"]): s for s in self.summary if s["table"] == table}
+
+    def setting(self) -> dict[str, Any]:
+        """The full parameters one finished point ran with (from its recorded results): dataset, widths, n_test..."""
+        for sidecar in sorted(self.folder.glob("points/*/results/*/*.json")):
+            data = json.loads(sidecar.read_text(encoding="utf-8"))
+            if data.get("parameters"):
+                return data["parameters"]
+        return {}
+
+    def label(self) -> str:
+        """This sweep's scale in a few words, e.g. ``mnist5k, VGG16 ×0.25, 500 test images``."""
+        p = self.setting()
+        parts = [str(p.get("dataset", self.profile))]
+        if p.get("model"):
+            parts.append(f"{p['model'].upper()} ×{p.get('model_width', 1):g}")
+        if p.get("n_test"):
+            parts.append(f"{p['n_test']} test images")
+        return ", ".join(parts)
 
 
 def command(stem: str, profile: str) -> str:
@@ -97,6 +120,7 @@ def load_sweep(stem: str, profile: str, root: str | Path | None = None) -> Sweep
                 for k in ("mean", "std"):
                     s[k] = float(s[k]) if s.get(k) not in (None, "") else None
                 s["n"] = int(s["n"])
+                s["percent"] = s.get("percent", "True") in ("True", "true", "1")
                 summary.append(s)
     return Sweep(stem, profile, folder, spec, rows, summary)
 
@@ -107,25 +131,37 @@ def sweeps(cfg: Config) -> dict[str, Sweep | None]:
 
 
 def provenance_table(found: dict[str, Sweep | None], profile: str) -> list[dict[str, str]]:
-    """Where each committed result comes from: chapter, points finished, seed pairs, commit, device, date, command;
-    a sweep not committed yet is listed with the command that produces it."""
+    """Where each committed result comes from: chapter, points finished, seed pairs, the commits and devices the
+    points ran on (``+``: the tree had uncommitted changes), the dates of the sweep's calls and its command; a sweep
+    not committed yet is listed with the command that produces it."""
     rows = []
     for stem, sw in found.items():
         if sw is None:
             rows.append({"chapter": stem, "points": "not run", "seed pairs": "", "commit": "", "device": "",
-                         "date": "", "command": f"`{command(stem, profile)}`"})
+                         "dates": "", "command": f"`{command(stem, profile)}`"})
             continue
-        p = sw.spec.get("provenance", {})
-        seeds = sorted({r.get("seeds", "") for r in sw.rows if r["status"] == "done"})
-        commit = (p.get("commit") or "unknown")[:10] + (" (uncommitted changes)" if p.get("dirty") else "")
-        rows.append({"chapter": stem, "points": f"{sw.done}/{len(sw.rows)} done", "seed pairs": ", ".join(seeds),
-                     "commit": commit, "device": p.get("device") or "", "date": (p.get("date") or "")[:10],
-                     "command": f"`{p.get('command') or command(stem, profile)}`"})
+        done = [r for r in sw.rows if r["status"] == "done"]
+        runs = sw.spec.get("runs") or [sw.spec.get("provenance") or {}]
+        dates = sorted({(r.get("date") or "")[:10] for r in runs if r.get("points run", 1)} - {""})
+        rows.append({"chapter": stem, "points": f"{sw.done}/{len(sw.rows)} done",
+                     "seed pairs": ", ".join(sorted({r.get("seeds", "") for r in done})),
+                     "commit": ", ".join(sorted({r.get("commit", "")[:10] for r in done} - {""})) or "unknown",
+                     "device": ", ".join(sorted({r.get("device", "") for r in done} - {""})) or "unknown",
+                     "dates": " to ".join(dict.fromkeys([dates[0], dates[-1]])) if dates else "",
+                     "command": f"`{command(stem, profile)}`"})
     return rows
 
 
 def _pm(mean: float, std: float, n: int | None = None) -> str:
     return f"{mean:.2f} ± {std:.2f}" + (f" (n={n})" if n is not None else "")
+
+
+def _cell(s: dict[str, Any] | None) -> str:
+    """A summary entry as ``mean ± std`` (in % for a table recorded with ``percent``)."""
+    if not s or s["mean"] is None:
+        return ""
+    scale = 100 if s.get("percent", True) else 1
+    return _pm(scale * s["mean"], scale * s["std"])
 
 
 def comparison_table(sw: Sweep, table: str) -> list[dict[str, str]]:
@@ -140,7 +176,7 @@ def comparison_table(sw: Sweep, table: str) -> list[dict[str, str]]:
         row = {"Model": label}
         for col in columns:
             s = cells.get((label, col))
-            row[col] = _pm(100 * s["mean"], 100 * s["std"]) if s and s["mean"] is not None else ""
+            row[col] = _cell(s)
             ref = paper.get(label, {}).get(col)
             if paper:
                 row[f"{col}, paper"] = _pm(*ref) if ref else ""
@@ -154,7 +190,7 @@ def summary_table(sw: Sweep, table: str) -> list[dict[str, str]]:
     cells = sw.cells(table)
     out: dict[str, dict[str, str]] = {}
     for (label, col), s in cells.items():
-        out.setdefault(label, {"": label})[col] = _pm(100 * s["mean"], 100 * s["std"]) if s["mean"] is not None else ""
+        out.setdefault(label, {"": label})[col] = _cell(s)
     n = max((s["n"] for s in cells.values()), default=0)
     return [{**r, "n": str(n)} for r in out.values()]
 
@@ -172,9 +208,11 @@ def _layers(label: str) -> int | None:
 
 def plot_pfm(ax, sw: Sweep, table: str, columns: Sequence[str]) -> None:
     """Headline figure of a PFM table: accuracy (%) over the number of preserved layers l, mean ± std over seed pairs
-    (solid, error bars) and the paper's (dashed, from :data:`PAPER_TABLES`), one colour per column."""
+    (solid, error bars) and the paper's (dashed, from :data:`PAPER_TABLES`), one colour per column. The legend names
+    both datasets: the two are not the same experiment at the same scale."""
     cells = sw.cells(table)
     paper = PAPER_TABLES.get(table, {})
+    here = sw.label().split(",")[0]
     labels = [r for r in dict.fromkeys(r for r, _ in cells) if _layers(r) is not None]
     L = labels[0].split("/")[1] if labels else "L"
     for col in columns:
@@ -184,11 +222,11 @@ def plot_pfm(ax, sw: Sweep, table: str, columns: Sequence[str]) -> None:
         if pts:
             x = [p[0] for p in pts]
             ax.errorbar(x, [100 * p[1]["mean"] for p in pts], yerr=[100 * p[1]["std"] for p in pts], marker="o",
-                        capsize=3, color=colour, label=f"{col} (here)")
+                        capsize=3, color=colour, label=f"{col}, here ({here})")
         ref = [(_layers(r), paper[r][col]) for r in paper if _layers(r) is not None and col in paper[r]]
         if ref:
             ax.errorbar([p[0] for p in ref], [p[1][0] for p in ref], yerr=[p[1][1] for p in ref], marker="s",
-                        linestyle="--", capsize=3, color=colour, alpha=0.7, label=f"{col} (paper)")
+                        linestyle="--", capsize=3, color=colour, alpha=0.7, label=f"{col}, paper (CIFAR-10)")
     ax.set_xlabel(f"preserved layers l (of {L})")
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize="small")
@@ -235,18 +273,24 @@ def _above_edges(cells: dict[tuple[str, str], Any], edges: float, get) -> list[s
 
 
 def notes(found: dict[str, Sweep | None]) -> str:
-    """What the committed numbers show, computed from them: the spread over seed pairs, and for Table 1 and Table 7
-    the PFM rows whose best column beats the edge models' mean, here and in the paper."""
+    """What the committed numbers show, computed from them: the spread over seed pairs (and how much of it the test
+    set's sampling explains), and for Table 1 and Table 7 the PFM rows whose best column beats the edge models' mean,
+    here and in the paper."""
     lines = []
     for stem, sw in found.items():
         if sw is None or not sw.summary:
             continue
-        numeric = [s for s in sw.summary if s["mean"] is not None]
+        numeric = [s for s in sw.summary if s["mean"] is not None and s.get("percent", True)]
         if numeric:
             widest = max(numeric, key=lambda s: s["std"])
-            lines.append(f"**{stem}** ({sw.done} seed pairs): the largest spread between pairs is "
+            n_test = sw.setting().get("n_test")
+            typical = float(np.median([s["mean"] for s in numeric]))
+            noise = (f" One accuracy measured on {n_test} test images has a standard error of about "
+                     f"{100 * np.sqrt(typical * (1 - typical) / n_test):.2f} points near {100 * typical:.0f} %, so "
+                     "much of that spread is test-set sampling, not the seeds.") if n_test else ""
+            lines.append(f"**{stem}** ({sw.done} seed pairs; {sw.label()}): the largest spread between pairs is "
                          f"{100 * widest['std']:.2f} points ({widest['table']}, {widest['row']}, {widest['column']}: "
-                         f"{100 * widest['mean']:.2f} ± {100 * widest['std']:.2f} %).")
+                         f"{100 * widest['mean']:.2f} ± {100 * widest['std']:.2f} %).{noise}")
         for table, paper in PAPER_TABLES.items():
             cells = sw.cells(table)
             if not cells:
@@ -257,7 +301,8 @@ def notes(found: dict[str, Sweep | None]) -> str:
                                 lambda r, c: 100 * cells[(r, c)]["mean"] if cells[(r, c)]["mean"] is not None else None)
             there = _above_edges({(r, c): v for r in paper for c, v in paper[r].items()}, paper_edges,
                                  lambda r, c: paper[r][c][0])
-            lines.append(f"{table.replace('table', 'Table ')}: the edge models average {here_edges:.2f} % here and "
-                         f"{paper_edges:.2f} % in the paper. Rows whose best merge beats that average here: "
-                         f"{', '.join(here) or 'none'}; in the paper: {', '.join(there) or 'none'}.")
+            lines.append(f"{table.replace('table', 'Table ')}: the edge models average {here_edges:.2f} % here "
+                         f"({sw.label().split(',')[0]}) and {paper_edges:.2f} % in the paper (CIFAR-10, full width); "
+                         f"the comparison is of shapes, not of levels. Rows whose best merge beats the edges' average "
+                         f"here: {', '.join(here) or 'none'}; in the paper: {', '.join(there) or 'none'}.")
     return "\n\n".join(lines) or "*No sweep is committed at this profile.*"
