@@ -89,15 +89,34 @@ class Sweep:
                 return data["parameters"]
         return {}
 
+    def n_test(self) -> int | None:
+        """How many test images each accuracy was measured on (``n_test``, else the dataset's whole test split)."""
+        p = self.setting()
+        if p.get("n_test"):
+            return int(p["n_test"])
+        try:
+            from ..data import load_dataset
+            return len(load_dataset(p["dataset"], "test", root=p.get("data_root")))
+        except Exception:  # noqa: BLE001 -- e.g. CIFAR-10 files absent here: the page then omits the figure
+            return None
+
     def label(self) -> str:
         """This sweep's scale in a few words, e.g. ``mnist5k, VGG16 ×0.25, 500 test images``."""
         p = self.setting()
         parts = [str(p.get("dataset", self.profile))]
         if p.get("model"):
             parts.append(f"{p['model'].upper()} ×{p.get('model_width', 1):g}")
-        if p.get("n_test"):
-            parts.append(f"{p['n_test']} test images")
+        if self.n_test():
+            parts.append(f"{self.n_test()} test images")
         return ", ".join(parts)
+
+    def paper_claims(self) -> dict[str, str]:
+        """Each claim's "paper" entry (the paper's own figure for it), from a finished point's recorded claims."""
+        for sidecar in sorted(self.folder.glob("points/*/results/*/*.json")):
+            rows = json.loads(sidecar.read_text(encoding="utf-8")).get("results", {}).get("claims")
+            if rows:
+                return {r["claim"]: r.get("paper", "") for r in rows}
+        return {}
 
 
 def command(stem: str, profile: str) -> str:
@@ -131,20 +150,21 @@ def sweeps(cfg: Config) -> dict[str, Sweep | None]:
 
 
 def provenance_table(found: dict[str, Sweep | None], profile: str) -> list[dict[str, str]]:
-    """Where each committed result comes from: chapter, points finished, seed pairs, the commits and devices the
-    points ran on (``+``: the tree had uncommitted changes), the dates of the sweep's calls and its command; a sweep
+    """Where each committed result comes from: chapter, points finished, seed pairs, each pair's wall time (a pair
+    whose edge models were not in the zoo includes their training), the commits and devices the points ran on (``+``: the tree had uncommitted changes), the dates of the sweep's calls and its command; a sweep
     not committed yet is listed with the command that produces it."""
     rows = []
     for stem, sw in found.items():
         if sw is None:
-            rows.append({"chapter": stem, "points": "not run", "seed pairs": "", "commit": "", "device": "",
-                         "dates": "", "command": f"`{command(stem, profile)}`"})
+            rows.append({"chapter": stem, "points": "not run", "seed pairs": "", "minutes per pair": "", "commit": "",
+                         "device": "", "dates": "", "command": f"`{command(stem, profile)}`"})
             continue
         done = [r for r in sw.rows if r["status"] == "done"]
         runs = sw.spec.get("runs") or [sw.spec.get("provenance") or {}]
         dates = sorted({(r.get("date") or "")[:10] for r in runs if r.get("points run", 1)} - {""})
         rows.append({"chapter": stem, "points": f"{sw.done}/{len(sw.rows)} done",
                      "seed pairs": ", ".join(sorted({r.get("seeds", "") for r in done})),
+                     "minutes per pair": ", ".join(f"{float(r['seconds']) / 60:.1f}" for r in done if r.get("seconds")),
                      "commit": ", ".join(sorted({r.get("commit", "")[:10] for r in done} - {""})) or "unknown",
                      "device": ", ".join(sorted({r.get("device", "") for r in done} - {""})) or "unknown",
                      "dates": " to ".join(dict.fromkeys([dates[0], dates[-1]])) if dates else "",
@@ -196,8 +216,11 @@ def summary_table(sw: Sweep, table: str) -> list[dict[str, str]]:
 
 
 def claims_table(sw: Sweep) -> list[dict[str, str]]:
-    """Each claim the chapter tests and how often it held over the seed pairs (e.g. ``yes ×3``)."""
-    return [{"claim": s["row"], "holds here (per seed pair)": s.get("values", "")}
+    """Each claim the chapter tests, how often it held over the seed pairs (e.g. ``yes ×3``; *within noise*: the
+    difference was inside the test set's noise), and the paper's own figure for it where the chapter gives one."""
+    paper = sw.paper_claims()
+    return [{"claim": s["row"], "holds here (per seed pair)": s.get("values", ""),
+             **({"paper": paper.get(s["row"], "")} if any(paper.values()) else {})}
             for s in sw.summary if s["table"] == "claims"]
 
 
@@ -245,7 +268,9 @@ def status(found: dict[str, Sweep | None], profile: str, paper_found: dict[str, 
     have = [s for s, sw in found.items() if sw is not None]
     lines = []
     if have:
-        lines.append(f"This page shows the committed `{profile}` sweeps of {', '.join(have)}.")
+        lines.append(f"This page shows the committed `{profile}` sweeps of {', '.join(have)}."
+                     + (" At `smoke` (one epoch on 512 digits) the numbers only check that the sweeps and this page "
+                        "work; the `cpu` page is the one to read." if profile == "smoke" else ""))
     missing = [s for s, sw in found.items() if sw is None]
     if missing:
         lines.append(f"Not committed at `{profile}` yet: {', '.join(missing)}; run " +
@@ -283,7 +308,7 @@ def notes(found: dict[str, Sweep | None]) -> str:
         numeric = [s for s in sw.summary if s["mean"] is not None and s.get("percent", True)]
         if numeric:
             widest = max(numeric, key=lambda s: s["std"])
-            n_test = sw.setting().get("n_test")
+            n_test = sw.n_test()
             typical = float(np.median([s["mean"] for s in numeric]))
             noise = (f" One accuracy measured on {n_test} test images has a standard error of about "
                      f"{100 * np.sqrt(typical * (1 - typical) / n_test):.2f} points near {100 * typical:.0f} %, so "
