@@ -98,6 +98,11 @@ def test_summary_in_the_tables_layout():
     assert claim["values"] == "yes ×2, no ×1" and claim["mean"] is None
     layout = results.summary_tables(summary, percent=["t"])
     assert layout[("x=1", "t")] == [{"": "a", "v": "60.00 ± 8.16", "n": "3"}]
+    # a row without some column (Table 1's edge rows have no AM columns): blank cells, n stays last
+    wide = results.summary_tables(results.summarize(
+        [{"x": 1, "seed": 0, "status": "done", "t: a | v": 0.5}, {"x": 1, "seed": 0, "status": "done",
+                                                                  "t: b | v": 0.1, "t: b | w": 0.2}], ["x", "seed"]))
+    assert [list(r) for r in wide[("x=1", "t")]] == [["", "v", "w", "n"]] * 2 and wide[("x=1", "t")][0]["w"] == ""
 
 
 # --------------------------------------------------------------------------- sweeps on a 2-worker LocalCluster

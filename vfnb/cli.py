@@ -90,6 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             chapter, grid, params, points, profile = sweep.sweep_spec(args.chapter, args.grid, args.axis,
                                                                       _params(args.parameter), args.profile)
+            import warnings
+
+            shown = warnings.showwarning
+            warnings.showwarning = lambda message, category, *rest, **kw: print(  # one line, no source line
+                f"warning: {message}", file=sys.stderr) if category is sweep.StalePointsWarning else shown(
+                message, category, *rest, **kw)
             try:
                 result = sweep.sweep(chapter, grid, params, points, profile=profile, out=args.out,
                                      workers=args.workers, scheduler=args.scheduler, progress=not args.no_progress,
@@ -97,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      rerun_stale=args.rerun_stale)
             except KeyboardInterrupt:
                 return 130
+            finally:
+                warnings.showwarning = shown
             return 1 if result.failures else 0
         elif args.command == "list":
             paths = [book.resolve_chapter(args.chapter)] if args.chapter else book.chapters()

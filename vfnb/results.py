@@ -211,7 +211,11 @@ def summary_tables(summary: Sequence[Mapping[str, Any]], percent: Iterable[str] 
         else:
             row[s["column"]] = f"{s['mean']:.4g} ± {s['std']:.2g}"
         counts[(s["group"], s["table"], s["row"])] = max(counts.get((s["group"], s["table"], s["row"]), 0), s["n"])
-    return {k: [{**r, "n": str(counts[(k[0], k[1], label)])} for label, r in rows.items()]
-            for k, rows in out.items()}
+    tables_out = {}
+    for k, rows in out.items():
+        columns = list(dict.fromkeys(c for r in rows.values() for c in r))  # every row gets every column, n last
+        tables_out[k] = [{**{c: r.get(c, "") for c in columns}, "n": str(counts[(k[0], k[1], label)])}
+                         for label, r in rows.items()]
+    return tables_out
 
 

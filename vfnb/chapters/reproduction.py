@@ -211,8 +211,9 @@ def summary_table(sw: Sweep, table: str) -> list[dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for (label, col), s in cells.items():
         out.setdefault(label, {"": label})[col] = _cell(s)
+    columns = list(dict.fromkeys(c for r in out.values() for c in r))
     n = max((s["n"] for s in cells.values()), default=0)
-    return [{**r, "n": str(n)} for r in out.values()]
+    return [{**{c: r.get(c, "") for c in columns}, "n": str(n)} for r in out.values()]
 
 
 def claims_table(sw: Sweep) -> list[dict[str, str]]:
