@@ -29,7 +29,7 @@ screenshots: $(STAMP)  ## full-page screenshots of every page of the built book 
 	$(PY) tests/screenshots.py $(OUT)/html $(OUT)/screenshots
 
 test: $(STAMP)  ## all tests: unit, smoke run of every chapter, smoke book in headless chromium
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=12
 
 test-fast: $(STAMP)  ## tests without notebook runs, book builds or browser
 	$(PY) -m pytest -q -m "not slow and not browser"

@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
         from vfnb import book, sweep
 
         points = sweep.expand(GRID, {"profile": "smoke"})
-        print(f"{len(points)} smoke points of {chapter}: {', '.join(sweep.describe(p) for p in points)}", flush=True)
+        print(f"{len(points)} smoke points of {chapter}: {'; '.join(sweep.describe(p) for p in points)}", flush=True)
         sweep.sweep(chapter, GRID, profile="smoke", out=Path(tmp) / "warmup", workers=2, progress=False)  # trains
         start = time.perf_counter()
         for i, params in enumerate(points):

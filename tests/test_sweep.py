@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import FIXTURES, ROOT
 from vfnb import book, results, sweep
@@ -148,23 +149,32 @@ def test_four_point_smoke_sweep_and_a_rerun_that_skips(tmp_path):
 
 @pytest.mark.slow
 def test_failures_are_reported_and_a_killed_worker_is_survived(tmp_path):
-    """Point x=3 raises: it is reported with its error and the others finish. Point x=2 kills its Dask worker the
-    first time it runs: Dask runs it again elsewhere and the sweep completes. A rerun retries only the failure."""
+    """Point x=3 raises: it is reported with its error, the others finish and the command exits with status 1.
+    Point x=2 kills its Dask worker the first time it runs: Dask runs it again elsewhere and the sweep completes.
+    A rerun skips the finished points and retries only the failure."""
     out = tmp_path / "sweep"
     marker = tmp_path / "killed-once"
     points = [{"x": 1.0}, {"x": 2.0, "kill_worker_once": str(marker)}, {"x": 3.0, "fail": True}, {"x": 4.0}]
-    res = sweep.sweep(POINT, {"seed": [0]}, points=points, out=out, workers=2, progress=False)
+    spec = tmp_path / "sweep.yml"  # through the command line: a sweep file, -g, and the exit status
+    spec.write_text(yaml.safe_dump({"points": points}))
+    proc = subprocess.run([sys.executable, "-m", "vfnb", "sweep", str(POINT), "--grid", str(spec), "-g", "seed=[0e0]",
+                           "--out", str(out), "--no-progress"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "3/4 points done" in proc.stderr and "RuntimeError: point x=3.0 fails on purpose" in proc.stderr
     assert marker.exists(), "the worker was not killed"
+    assert "--no-progress" in json.loads((out / "sweep.json").read_text())["runs"][0]["command"]
+    res = sweep.sweep(POINT, {"seed": [0.0]}, points=[p for p in points if p["x"] != 3.0], out=out, progress=False)
+    assert res.skipped == 3, "-g items are typed like -p values (0e0 is the float 0.0), so the points match"
+    res = sweep.sweep(POINT, {"seed": [0.0]}, points=points, out=out, workers=1, progress=False)  # retries x=3
+    assert res.skipped == 3 and len(res.failures) == 1
     status = {r["x"]: (r["status"], r["error"]) for r in res.rows}
     assert status[3.0] == ("failed", "RuntimeError: point x=3.0 fails on purpose")
-    failed_nb = out / "points" / sweep.point_id({"seed": 0, **points[2]}) / "failed.ipynb"
+    failed_nb = out / "points" / sweep.point_id({"seed": 0.0, **points[2]}) / "failed.ipynb"
     assert "fails on purpose" in failed_nb.read_text(), "the failed notebook is kept, with its traceback"
     assert all(status[x] == ("done", "") for x in (1.0, 2.0, 4.0))
     killed = next(r for r in res.rows if r["x"] == 2.0)
     assert killed["scores: a | value"] == 2.0
-    assert [r["point"] for r in res.failures] == [sweep.point_id({"seed": 0, **points[2]})]
-    again = sweep.sweep(POINT, {"seed": [0]}, points=points, out=out, workers=1, progress=False)
-    assert again.skipped == 3 and len(again.failures) == 1
+    assert [r["point"] for r in res.failures] == [sweep.point_id({"seed": 0.0, **points[2]})]
 
 
 def _train_tiny(cache: str, log: str) -> str:
@@ -220,14 +230,3 @@ def test_configs_and_points_pickle():
     points = sweep.expand({"seeds": [[0, 1], [2, 3]]}, {"profile": "smoke"})
     assert pickle.loads(pickle.dumps(points)) == points
 
-
-@pytest.mark.slow
-def test_the_command_line_reports_failures_with_exit_status_1(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "vfnb", "sweep", str(POINT), "-g", "x=[1.0, 2e0]", "-p", "fail", "True",
-                           "--workers", "1", "--out", str(tmp_path / "out"), "--no-progress"],
-                          capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "0/2 points done" in proc.stderr and "RuntimeError: point x=2.0 fails on purpose" in proc.stderr
-    rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv", newline="")))
-    assert [r["x"] for r in rows] == ["1.0", "2.0"], "-g list items are typed like -p values (2e0 is a float)"
-    assert "--no-progress" in json.loads((tmp_path / "out" / "sweep.json").read_text())["runs"][0]["command"]

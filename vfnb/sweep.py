@@ -33,7 +33,6 @@ import socket
 import subprocess
 import sys
 import time
-import traceback
 import uuid
 import warnings
 from contextlib import contextmanager
@@ -181,7 +180,7 @@ def run_point(chapter: str, params: dict[str, Any], folder: str, threads: int | 
               force: bool = False) -> dict[str, Any]:
     """Execute one point of a sweep into ``folder`` and return its ``point.json`` record. Runs on a Dask worker.
 
-    The chapter runs in a child process (``python -m vfnb.sweep``) with its own environment (``VFNB_RESULTS`` in a
+    The chapter runs in a child process (:data:`POINT_SCRIPT`, papermill) with its own environment (``VFNB_RESULTS`` in a
     temporary folder, ``OMP_NUM_THREADS`` = ``threads``) and its output appended to ``run.log``, so several points
     may share a worker process; the child exits when the worker dies. A lock file keeps two runs of one point (two
     sweeps, or a rerun while a cluster still runs the first) from overlapping. A failing notebook is recorded
@@ -212,12 +211,12 @@ def run_point(chapter: str, params: dict[str, Any], folder: str, threads: int | 
         with open(folder / LOG, "a", encoding="utf-8") as log:
             log.write(f"=== {info['started']} on {info['worker']} ({info['device']})\n")
             log.flush()
-            proc = subprocess.run([sys.executable, "-m", "vfnb.sweep", str(chapter), json.dumps(params, default=str),
-                                   str(partial_nb), str(error_file), str(os.getpid())],
+            proc = subprocess.run([sys.executable, "-c", POINT_SCRIPT, str(chapter), json.dumps(params, default=str),
+                                   str(partial_nb), str(error_file), str(os.getpid()), str(Path(chapter).parent)],
                                   stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(folder))
         seconds = round(time.perf_counter() - start, 2)
         if proc.returncode != 0:
-            error = error_file.read_text(encoding="utf-8").strip() if error_file.is_file() else \
+            error = _error_text(json.loads(error_file.read_text(encoding="utf-8"))) if error_file.is_file() else \
                 f"the point's process exited with status {proc.returncode}; see {folder / LOG}"
             info.update(status="failed", error=error, seconds=seconds)
             if partial_nb.exists():  # the notebook as far as it ran, with the traceback, for the reader to open
@@ -251,29 +250,28 @@ def _point_lock(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _exit_with_parent(parent: int, every: float = 1.0) -> None:
-    """Exit this process (and so its kernel, which watches its own parent) when process ``parent`` is gone."""
-    import threading
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(every)
-        os._exit(3)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _point_main(argv: Sequence[str]) -> int:
-    """``python -m vfnb.sweep CHAPTER PARAMS_JSON OUTPUT ERROR_FILE PARENT_PID``: one point, in its own process."""
-    chapter, params, output, error_file, parent = argv
-    _exit_with_parent(int(parent))
-    try:
-        book.run_chapter(chapter, json.loads(params), output_path=output, progress=False)
-    except Exception as exc:  # noqa: BLE001 -- reported to the worker through the error file
-        Path(error_file).write_text(_error_text(exc), encoding="utf-8")
-        traceback.print_exc()
-        return 1
-    return 0
+#: The child process of one point: papermill only (no torch, no vfnb import: it starts in well under a second),
+#: exiting when its worker is gone. Arguments: chapter, parameters (JSON), output, error file, worker pid, cwd. The
+#: worker validated the parameters; the error file gets the exception's name and value for :func:`_error_text`.
+POINT_SCRIPT = """
+import json, os, sys, threading, time, traceback
+chapter, params, output, error_file, parent, cwd = sys.argv[1:]
+def watch():
+    while os.getppid() == int(parent):
+        time.sleep(1.0)
+    os._exit(3)
+threading.Thread(target=watch, daemon=True).start()
+try:
+    import papermill
+    papermill.execute_notebook(chapter, output, parameters=json.loads(params), kernel_name="python3",
+                               progress_bar=False, cwd=cwd)
+except Exception as exc:
+    with open(error_file, "w", encoding="utf-8") as fh:
+        json.dump({"type": type(exc).__name__, "text": str(exc), "ename": getattr(exc, "ename", None),
+                   "evalue": getattr(exc, "evalue", None)}, fh)
+    traceback.print_exc()
+    sys.exit(1)
+"""
 
 
 def _machine() -> dict[str, Any]:
@@ -300,10 +298,14 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _error_text(exc: BaseException) -> str:
-    ename, evalue = getattr(exc, "ename", None), getattr(exc, "evalue", None)
-    text = f"{ename}: {evalue}" if ename else f"{type(exc).__name__}: {exc}"
-    return text.strip().splitlines()[-1][:500] if text.strip() else type(exc).__name__
+def _error_text(exc: BaseException | Mapping[str, Any]) -> str:
+    """One line for a failed point: a notebook error's name and value (papermill's ``ename``/``evalue``), else the
+    exception's type and message. ``exc`` may be the mapping the point's child process wrote."""
+    if isinstance(exc, BaseException):
+        exc = {"type": type(exc).__name__, "text": str(exc), "ename": getattr(exc, "ename", None),
+               "evalue": getattr(exc, "evalue", None)}
+    text = f"{exc['ename']}: {exc['evalue']}" if exc.get("ename") else f"{exc['type']}: {exc['text']}"
+    return text.strip().splitlines()[-1][:500] if text.strip() else str(exc["type"])
 
 
 # --------------------------------------------------------------------------- gathering
@@ -571,6 +573,3 @@ def sweep_spec(chapter: str | None, grid_file: str | None, axes: Iterable[str], 
         raise SweepError(f"profile given twice: --profile {profile} and profile: {spec['profile']} in {grid_file}")
     return str(chapter), grid, params, list(spec.get("points") or []), profile or spec.get("profile")
 
-
-if __name__ == "__main__":  # one point in its own process (run_point)
-    sys.exit(_point_main(sys.argv[1:]))
