@@ -56,6 +56,7 @@ def test_reproduction_tables_come_from_the_committed_files(tmp_path):
     notes = R.notes(found)
     assert "94.00 % here" in notes and "PFM 8/14 (AM REPAIR 93.00 %)" not in notes  # 93 < the edges' 94
     assert "mnist5k, VGG16 ×0.25, 500 test images" in notes and "500 test images has a standard error" in notes
+    assert "can come from test-set sampling alone" in notes  # a spread of 0.82 points against a 1.1-point error
     assert prov["05_4_preserve_first_merging"]["device"] == "cpu (2 cores)"
     assert prov["05_4_preserve_first_merging"]["dates"] == "2026-12-03"
     import matplotlib

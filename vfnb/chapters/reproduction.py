@@ -311,9 +311,14 @@ def notes(found: dict[str, Sweep | None]) -> str:
             widest = max(numeric, key=lambda s: s["std"])
             n_test = sw.n_test()
             typical = float(np.median([s["mean"] for s in numeric]))
-            noise = (f" One accuracy measured on {n_test} test images has a standard error of about "
-                     f"{100 * np.sqrt(typical * (1 - typical) / n_test):.2f} points near {100 * typical:.0f} %, so "
-                     "much of that spread is test-set sampling, not the seeds.") if n_test else ""
+            noise = ""
+            if n_test:
+                se = 100 * np.sqrt(typical * (1 - typical) / n_test)
+                verdict = ("so a spread of that size can come from test-set sampling alone"
+                           if 100 * widest["std"] <= 2 * se else
+                           "so that spread is far beyond test-set sampling: the seed pairs differ")
+                noise = (f" One accuracy measured on {n_test} test images has a standard error of about {se:.2f} "
+                         f"points near {100 * typical:.0f} %, {verdict}.")
             lines.append(f"**{stem}** ({sw.done} seed pairs; {sw.label()}): the largest spread between pairs is "
                          f"{100 * widest['std']:.2f} points ({widest['table']}, {widest['row']}, {widest['column']}: "
                          f"{100 * widest['mean']:.2f} ± {100 * widest['std']:.2f} %).{noise}")
