@@ -1,15 +1,18 @@
-"""Sweeps: a grid of parameter sets of one chapter, each point a papermill run (the path of ``vfnb run``), executed
-on Dask distributed, gathered into one table and averaged over seeds in the paper's table layout.
+"""Sweeps: a grid of parameter sets of one chapter, each point a papermill run checked and executed as ``vfnb run``
+does (:func:`vfnb.book.validate_run`; the same kernel, working folder and ``PYTHONPATH``), on Dask distributed,
+gathered into one table and averaged over seeds in the paper's table layout.
 
 ``vfnb sweep CHAPTER -g seeds='[[0, 1], [2, 3], [4, 5]]' --out DIR`` (or :func:`sweep` in Python) writes into ``DIR``:
 
 - ``points/<id>/chapter.ipynb``: the executed notebook of one point; ``points/<id>/results/``: what the chapter
   recorded (:mod:`vfnb.results`); ``points/<id>/point.json``: its parameters, status (``done``/``failed``), error,
   time and worker; ``points/<id>/run.log``: what its kernel printed; ``points/<id>/failed.ipynb``: the notebook of
-  a failed point, up to its error. ``<id>`` is a hash of the point's parameters, so a point keeps its folder when the grid grows.
+  a failed point, up to its error. ``<id>`` is a hash of the point's parameters, so a point keeps its folder when
+  the grid grows.
 - ``results.csv`` and ``results.parquet``: one row per point, the parameters as columns (lists as JSON text), then
-  ``status``, ``seconds``, ``error`` and one column per cell of every table the chapter recorded
-  (:func:`vfnb.results.record_table`), named ``<table>: <row> | <column>``.
+  ``point``, ``status``, ``seconds``, ``worker``, ``commit``, ``device``, ``error``, one column per cell of every
+  table the chapter recorded (:func:`vfnb.results.record_table`), named ``<table>: <row> | <column>``, and one per
+  claim of its claims table (its verdict).
 - ``summary.csv`` (long form) and ``summary.md`` (the recorded tables, each cell ``mean ± std (n)`` over the
   points that differ only in their seeds); ``sweep.json``: what was run, where, by which command and commit.
 
