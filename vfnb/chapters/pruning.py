@@ -319,19 +319,18 @@ def accuracy_values(res: PruningResult, norm: str) -> list[dict[str, Any]]:
 
 
 def accuracy_table(res: PruningResult, norm: str) -> list[dict[str, Any]]:
-    """Per sparsity: accuracy of every pruner without and with the fix (one model)."""
+    """Per sparsity: accuracy of every pruner without and with the fix (one model), as text ``before → after``: the
+    numbers of :func:`accuracy_values`, formatted."""
     fix = res.fix(norm).label
-    rows = []
-    for i, s in enumerate(res.sparsities):
-        row: dict[str, Any] = {"sparsity": f"{s:g}"}
+    out = []
+    for r in accuracy_values(res, norm):
+        row: dict[str, Any] = {"sparsity": r["sparsity"]}
         for p in res.pruners:
-            c = res.accuracy[(norm, p)]
-            row[PRUNER_LABELS[p]] = f"{c['before'][i]:.3f} → {c['after'][i]:.3f}"
-        rows.append(row)
-    rows.append({"sparsity": "unpruned", **{PRUNER_LABELS[p]: f"{res.base[norm]['accuracy']:.3f}"
-                                            for p in res.pruners}})
-    return [{"sparsity": r["sparsity"], **{f"{k} (pruned → +{fix})": v for k, v in r.items() if k != "sparsity"}}
-            for r in rows]
+            name = PRUNER_LABELS[p]
+            row[f"{name} (pruned → +{fix})"] = (f"{r[name]:.3f}" if r["sparsity"] == "unpruned"
+                                               else f"{r[name]:.3f} → {r[f'{name} + {fix}']:.3f}")
+        out.append(row)
+    return out
 
 
 def calibration_table(res: PruningResult) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -67,6 +67,7 @@ class Sweep:
     spec: dict[str, Any]
     rows: list[dict[str, str]]
     summary: list[dict[str, Any]]
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def done(self) -> int:
@@ -91,14 +92,15 @@ class Sweep:
 
     def n_test(self) -> int | None:
         """How many test images each accuracy was measured on (``n_test``, else the dataset's whole test split)."""
-        p = self.setting()
-        if p.get("n_test"):
-            return int(p["n_test"])
-        try:
-            from ..data import load_dataset
-            return len(load_dataset(p["dataset"], "test", root=p.get("data_root")))
-        except Exception:  # noqa: BLE001 -- e.g. CIFAR-10 files absent here: the page then omits the figure
-            return None
+        if "n_test" not in self._memo:  # label(), notes() and the figures ask; the dataset is loaded once
+            p = self.setting()
+            try:
+                from ..data import load_dataset
+                self._memo["n_test"] = int(p["n_test"]) if p.get("n_test") else len(
+                    load_dataset(p["dataset"], "test", root=p.get("data_root")))
+            except Exception:  # noqa: BLE001 -- e.g. CIFAR-10 files absent here: the page then omits the figure
+                self._memo["n_test"] = None
+        return self._memo["n_test"]
 
     def label(self) -> str:
         """This sweep's scale in a few words, e.g. ``mnist5k, VGG16 ×0.25, 500 test images``."""
